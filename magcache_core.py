@@ -1,0 +1,722 @@
+"""MagCache for FramePack: the engine.
+
+MagCache skips the transformer's block stack on some denoising steps and reuses
+the residual (stack output minus stack input) of the last computed step.  Which
+steps are skipped follows from calibrated per-step magnitude ratios alone, so the
+whole plan is known before the first tensor is seen: :func:`skip_schedule` is a
+pure function, and what the patched transformer does is exactly that plan.
+
+This module knows nothing of Gradio and does not import FramePack.  It patches
+one instance of FramePack's ``HunyuanVideoTransformer3DModelPacked`` (duck-typed)
+with :func:`enable_magcache` and restores it with :func:`disable_magcache`.
+
+Beyond the published reference behaviour it:
+
+* keeps one plan per *denoising step*, shared by both classifier-free-guidance
+  branches, with one cached residual per branch (the reference counted every
+  transformer call as a step, which corrupts its plan when CFG > 1);
+* starts every sampling run (every FramePack section) from a clean state, also
+  after a run that died mid-way (:func:`magcache_run` makes this explicit);
+* makes a skipped step nearly free: no block runs, and neither does anything
+  whose result only the blocks consume (text refiner, image projection, history
+  latent embeddings, rotary frequencies);
+* reports, per run, which steps were computed and skipped, and in calibration
+  mode returns the measured ratios as data and as a JSON profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import numbers
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Published 25-step calibrations (MagCache4FramePack).
+FRAMEPACK_MAG_RATIOS: tuple[float, ...] = (
+    1.0, 1.26562, 1.23438, 1.03125, 1.02344, 1.03906, 1.01562, 1.03906, 1.05469,
+    1.02344, 1.03906, 0.99609, 1.03125, 1.02344, 1.01562, 1.02344, 1.00781,
+    1.04688, 0.98828, 1.0, 1.00781, 0.98828, 0.94141, 0.94141, 0.78906,
+)
+FRAMEPACK_F1_MAG_RATIOS: tuple[float, ...] = (
+    1.0, 1.25781, 1.08594, 1.02344, 1.00781, 1.02344, 1.00781, 1.02344, 1.05469,
+    0.99609, 1.03906, 1.00781, 1.01562, 1.00781, 1.02344, 1.01562, 0.98047,
+    1.05469, 0.98047, 0.96875, 1.03125, 0.97266, 0.9375, 0.96484, 0.78516,
+)
+VARIANT_MAG_RATIOS: dict[str, tuple[float, ...]] = {
+    "framepack": FRAMEPACK_MAG_RATIOS,
+    "f1": FRAMEPACK_F1_MAG_RATIOS,
+}
+
+# name -> (magcache_thresh, magcache_K, retention_ratio)
+PRESETS: dict[str, tuple[float, int, float]] = {
+    "E010K3R02": (0.10, 3, 0.2),
+    "E015K4R02": (0.15, 4, 0.2),
+}
+DEFAULT_PRESET = "E010K3R02"
+
+# A step is never skipped when its own ratio departs from 1 by more than this:
+# the residual is changing too fast for the cached one to stand in for it.
+MAX_STEP_RATIO_DEVIATION = 0.06
+
+RESAMPLE_MODES = ("magnitude", "nearest")
+PROFILE_FORMAT = "magcache-framepack-profile"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ---------------------------------------------------------------------------
+# The plan: pure functions
+# ---------------------------------------------------------------------------
+
+def _validated_ratios(mag_ratios: Sequence[float]) -> tuple[float, ...]:
+    """Return the ratios as floats, or raise ValueError saying what is accepted."""
+    if isinstance(mag_ratios, (str, bytes)) or not isinstance(mag_ratios, Sequence):
+        raise ValueError(
+            f"mag_ratios must be a sequence of positive finite numbers, got {type(mag_ratios).__name__}"
+        )
+    if len(mag_ratios) == 0:
+        raise ValueError("mag_ratios is empty: give one positive finite ratio per calibrated step")
+    out = []
+    for i, r in enumerate(mag_ratios):
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise ValueError(f"mag_ratios[{i}] = {r!r} is not a number; each ratio must be a positive finite number")
+        r = float(r)
+        if not math.isfinite(r) or r <= 0.0:
+            raise ValueError(f"mag_ratios[{i}] = {r!r}: each ratio must be a positive finite number")
+        out.append(r)
+    return tuple(out)
+
+
+def _validated_plan_settings(num_steps: Any, magcache_thresh: Any, magcache_K: Any,
+                             retention_ratio: Any, resample: Any) -> tuple[int, float, int, float]:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps = {num_steps!r}: must be an integer >= 1")
+    if isinstance(magcache_thresh, bool) or not isinstance(magcache_thresh, numbers.Real) \
+            or not math.isfinite(magcache_thresh) or magcache_thresh < 0:
+        raise ValueError(
+            f"magcache_thresh = {magcache_thresh!r}: must be a finite number >= 0 "
+            "(the accumulated error a skip may reach; 0.10 to 0.15 is the published range)"
+        )
+    k = magcache_K
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(
+            f"magcache_K = {magcache_K!r}: must be an integer >= 1 "
+            "(the most consecutive steps that may be skipped; 3 or 4 are the published values)"
+        )
+    if isinstance(retention_ratio, bool) or not isinstance(retention_ratio, numbers.Real) \
+            or not math.isfinite(retention_ratio) or not 0.0 <= retention_ratio < 1.0:
+        raise ValueError(
+            f"retention_ratio = {retention_ratio!r}: must be in [0, 1) "
+            "(the fraction of first steps that always run; 0.2 is the published value)"
+        )
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample = {resample!r}: must be one of {', '.join(RESAMPLE_MODES)}")
+    return int(num_steps), float(magcache_thresh), int(k), float(retention_ratio)
+
+
+def resample_mag_ratios(mag_ratios: Sequence[float], num_steps: int, mode: str = "magnitude") -> list[float]:
+    """Fit a calibrated ratio table to ``num_steps`` steps.
+
+    When ``num_steps`` equals the table length the table is returned as is.
+
+    ``mode="nearest"`` is the reference's stretch: entry ``round(i * (len-1)/(N-1))``
+    (round half to even), or the last ratio when N == 1.  It is kept for parity
+    only: a ratio is the change of residual magnitude over one step, so repeating
+    entries of a 25-step table to fill 50 steps doubles the total change the plan
+    believes in (and halving the steps halves it).
+
+    ``mode="magnitude"`` (the default) keeps the cumulative magnitude curve: the
+    cumulative log-magnitude of the table is placed on a normalised step axis
+    [0, 1], linearly interpolated at the N new step positions and differenced.
+    The product of the new ratios therefore equals the product of the old ones,
+    and a log-linear magnitude curve is reproduced exactly at any N.
+    """
+    ratios = _validated_ratios(mag_ratios)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps = {num_steps!r}: must be an integer >= 1")
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"mode = {mode!r}: must be one of {', '.join(RESAMPLE_MODES)}")
+    n, m = int(num_steps), len(ratios)
+    if n == m:
+        return list(ratios)
+    if mode == "nearest":
+        if n == 1:
+            return [ratios[-1]]
+        scale = (m - 1) / (n - 1)
+        return [ratios[round(i * scale)] for i in range(n)]
+    if n == 1 or m == 1:
+        return [1.0] * n
+    # cumulative log-magnitude at the table's steps; ratios[0] is the reference point (1.0)
+    cum = [0.0]
+    for r in ratios[1:]:
+        cum.append(cum[-1] + math.log(r))
+    out = [1.0]
+    prev = 0.0
+    for i in range(1, n):
+        x = i * (m - 1) / (n - 1)          # position on the table's step axis
+        j = min(int(x), m - 2)
+        c = cum[j] + (x - j) * (cum[j + 1] - cum[j])
+        out.append(math.exp(c - prev))
+        prev = c
+    return out
+
+
+def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
+                  magcache_K: int, retention_ratio: float, resample: str = "magnitude") -> list[bool]:
+    """Which of ``num_steps`` denoising steps MagCache skips (True = skipped).
+
+    The rule, per step t with ratios r fitted to ``num_steps``: steps before
+    ``int(retention_ratio * num_steps)`` and step 0 always run.  After that the
+    accumulated ratio (product of r since the last computed step), the
+    accumulated error (sum of |1 - accumulated ratio|) and the count of
+    accumulated steps grow; the step is skipped while the error stays within
+    ``magcache_thresh``, the count within ``magcache_K`` and the step's own ratio
+    within 6% of 1.  A computed step resets the accumulators.
+    """
+    n, thresh, k, retention = _validated_plan_settings(
+        num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
+    ratios = resample_mag_ratios(mag_ratios, n, resample)
+    first_skippable = max(int(retention * n), 1)
+    plan: list[bool] = []
+    acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+    for t, r in enumerate(ratios):
+        skip = False
+        if t >= first_skippable:
+            acc_ratio *= r
+            acc_err += abs(1 - acc_ratio)
+            acc_steps += 1
+            skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= MAX_STEP_RATIO_DEVIATION
+            if not skip:
+                acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+        plan.append(skip)
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# Profiles and configuration
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MagCacheProfile:
+    """Calibrated ratios saved as JSON, to be reused by later jobs."""
+
+    variant: str
+    num_steps: int
+    ratios: list[float]
+    resolution: int | None = None
+    created: str = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
+    ratio_std: list[float] | None = None
+    cosine_distance: list[float] | None = None
+    runs: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.variant, str) or not self.variant:
+            raise ValueError(f"profile variant = {self.variant!r}: must be a non-empty name such as "
+                             f"{', '.join(VARIANT_MAG_RATIOS)}")
+        self.ratios = list(_validated_ratios(self.ratios))
+        if self.num_steps != len(self.ratios):
+            raise ValueError(f"profile num_steps = {self.num_steps!r} but it holds {len(self.ratios)} ratios; "
+                             "they must agree")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PROFILE_FORMAT, "version": 1, **dataclasses.asdict(self)}
+
+    def save(self, path: PathLike) -> pathlib.Path:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)   # never leave a half-written profile behind
+        logger.info("MagCache profile saved: %s", path)
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike) -> "MagCacheProfile":
+        path = pathlib.Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read MagCache profile {path}: {exc.strerror or exc}") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a MagCache profile: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{path} is not a MagCache profile (expected a JSON object with "
+                             f"\"format\": \"{PROFILE_FORMAT}\")")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = {"variant", "num_steps", "ratios"} - data.keys()
+        if missing:
+            raise ValueError(f"MagCache profile {path} lacks {', '.join(sorted(missing))}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in fields})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"MagCache profile {path} is invalid: {exc}") from exc
+
+
+@dataclasses.dataclass
+class MagCacheConfig:
+    """Settings of one MagCache run, validated on construction.
+
+    ``mag_ratios`` takes a ratio table, a :class:`MagCacheProfile` or the path of
+    a saved profile.  When ``variant`` is given, a profile calibrated for another
+    variant is refused: FramePack and F1 have different magnitude curves.
+    """
+
+    magcache_thresh: float = PRESETS[DEFAULT_PRESET][0]
+    magcache_K: int = PRESETS[DEFAULT_PRESET][1]
+    retention_ratio: float = PRESETS[DEFAULT_PRESET][2]
+    num_steps: int = 25
+    mag_ratios: Any = FRAMEPACK_MAG_RATIOS
+    calibrate: bool = False
+    resample: str = "magnitude"
+    variant: str | None = None
+    profile: MagCacheProfile | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.num_steps, self.magcache_thresh, self.magcache_K, self.retention_ratio = _validated_plan_settings(
+            self.num_steps, self.magcache_thresh, self.magcache_K, self.retention_ratio, self.resample)
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate = {self.calibrate!r}: must be True or False")
+        if self.variant is not None and self.variant not in VARIANT_MAG_RATIOS:
+            raise ValueError(f"variant = {self.variant!r}: must be one of {', '.join(VARIANT_MAG_RATIOS)} or None")
+        ratios = self.mag_ratios
+        if isinstance(ratios, (str, os.PathLike)):
+            ratios = MagCacheProfile.load(ratios)
+        if isinstance(ratios, MagCacheProfile):
+            if self.variant is not None and ratios.variant != self.variant:
+                raise ValueError(f"this profile was calibrated for {ratios.variant!r}, not {self.variant!r}: "
+                                 f"calibrate {self.variant!r} or use its published ratios")
+            self.profile = ratios
+            ratios = ratios.ratios
+        self.mag_ratios = _validated_ratios(ratios)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MagCacheConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        thresh, k, retention = PRESETS[name]
+        return cls(**{"magcache_thresh": thresh, "magcache_K": k, "retention_ratio": retention, **overrides})
+
+    def schedule(self) -> list[bool]:
+        """The plan this config runs: all False in calibration mode."""
+        if self.calibrate:
+            return [False] * self.num_steps
+        return skip_schedule(self.mag_ratios, self.num_steps, self.magcache_thresh,
+                             self.magcache_K, self.retention_ratio, self.resample)
+
+
+# ---------------------------------------------------------------------------
+# Run state
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunReport:
+    """What one sampling run (one FramePack section) did, filled in as it goes."""
+
+    index: int
+    num_steps: int
+    calibrate: bool = False
+    computed: list[int] = dataclasses.field(default_factory=list)
+    skipped: list[int] = dataclasses.field(default_factory=list)
+    status: str = "running"           # running | complete | interrupted
+    seconds: float = 0.0
+    ratios: list[float] | None = None            # calibration: mean ||r_t|| / ||r_{t-1}|| per step
+    ratio_std: list[float] | None = None         # calibration: its std over tokens
+    cosine_distance: list[float] | None = None   # calibration: mean 1 - cos(r_t, r_{t-1})
+
+    @property
+    def computed_count(self) -> int:
+        return len(self.computed)
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        return (f"run {self.index}: {self.status}, computed {self.computed_count} of "
+                f"{self.computed_count + self.skipped_count} steps, skipped {self.skipped}, {self.seconds:.2f}s")
+
+
+@dataclasses.dataclass
+class _Run:
+    """Internal state of the run in progress."""
+
+    report: RunReport
+    started: float
+    step: int = -1
+    branch: int = 0
+    last_input: torch.Tensor | None = None      # identity marks a second CFG branch of the same step
+    last_timestep: float | None = None
+    residuals: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    calib_prev: torch.Tensor | None = None      # residual of the previous computed step, branch 0
+
+
+class MagCacheState:
+    """Everything MagCache keeps on one transformer instance."""
+
+    def __init__(self, config: MagCacheConfig, original_forward: Any | None) -> None:
+        self.config = config
+        self.plan = config.schedule()
+        self.runs: list[RunReport] = []
+        self._run: _Run | None = None
+        self._explicit = False   # inside magcache_run(): run boundaries come from the caller
+        self._original_forward = original_forward   # an instance-level forward that existed before us
+        self._warned: set[str] = set()
+
+    @property
+    def last_run(self) -> RunReport | None:
+        return self.runs[-1] if self.runs else None
+
+    def residual_cache_bytes(self) -> int:
+        """Bytes held by cached residuals (all CFG branches) right now."""
+        if self._run is None:
+            return 0
+        held = list(self._run.residuals.values())
+        if self._run.calib_prev is not None:
+            held.append(self._run.calib_prev)
+        seen, total = set(), 0
+        for t in held:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+    # -- run boundaries ---------------------------------------------------
+
+    def start_run(self) -> RunReport:
+        """Close the run in progress (if any) and start a clean one."""
+        self.end_run(interrupted=True)
+        report = RunReport(index=len(self.runs), num_steps=self.config.num_steps, calibrate=self.config.calibrate)
+        if self.config.calibrate:
+            report.ratios, report.ratio_std, report.cosine_distance = [], [], []
+        self.runs.append(report)
+        self._run = _Run(report=report, started=time.perf_counter())
+        return report
+
+    def end_run(self, interrupted: bool = False) -> None:
+        """Finish the run in progress and free its residuals."""
+        run = self._run
+        if run is None:
+            return
+        self._run = None
+        report = run.report
+        if report.status == "running":
+            done = run.step + 1 >= report.num_steps
+            report.status = "complete" if done and not interrupted else "interrupted"
+            self._log_report(report)
+
+    def _log_report(self, report: RunReport) -> None:
+        logger.info("MagCache %s", report.summary())
+
+    # -- per call ---------------------------------------------------------
+
+    def begin_call(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> tuple[int, int]:
+        """Place this transformer call in (step, CFG branch), starting a run if needed.
+
+        A call that receives the very tensor the previous call received is the
+        next CFG branch of the same step (FramePack's wrapper passes one tensor
+        to both).  Otherwise it is a new step; outside :func:`magcache_run` a new
+        run begins when the previous one has done all its steps or the timestep
+        went up (every run starts at the highest noise level).
+        """
+        run = self._run
+        if run is not None and run.step >= 0 and hidden_states is run.last_input:
+            run.branch += 1
+            return run.step, run.branch
+        t = None if self._explicit else float(timestep.flatten()[0])
+        if run is None or (t is not None and (
+                run.step + 1 >= run.report.num_steps
+                or (run.last_timestep is not None and t > run.last_timestep))):
+            if run is not None:
+                self.end_run(interrupted=run.step + 1 < run.report.num_steps)
+            run = self._start_for_call()
+        run.last_timestep = t
+        run.step += 1
+        run.branch = 0
+        run.last_input = hidden_states
+        if run.step >= run.report.num_steps:
+            self._warn_once("steps", "MagCache: the sampler ran more steps than num_steps=%d; extra steps are "
+                            "computed. Set MagCacheConfig.num_steps to the sampler's step count.",
+                            run.report.num_steps)
+        return run.step, run.branch
+
+    def _start_for_call(self) -> _Run:
+        self.start_run()
+        assert self._run is not None
+        return self._run
+
+    def should_skip(self, step: int, branch: int, tokens: int) -> torch.Tensor | None:
+        """The cached residual to reuse at this step and branch, or None to compute."""
+        run = self._run
+        assert run is not None
+        if step >= len(self.plan) or not self.plan[step]:
+            return None
+        residual = run.residuals.get(branch)
+        if residual is None or residual.shape[1] != tokens:
+            self._warn_once("noresidual", "MagCache: step %d is planned as skipped but branch %d has no "
+                            "matching cached residual; computing it", step, branch)
+            return None
+        return residual
+
+    def record(self, step: int, branch: int, skipped: bool) -> None:
+        run = self._run
+        assert run is not None
+        if branch == 0:
+            (run.report.skipped if skipped else run.report.computed).append(step)
+        run.report.seconds = time.perf_counter() - run.started
+        if branch == 0 and step == run.report.num_steps - 1 and not self._explicit:
+            run.report.status = "complete"
+            self._log_report(run.report)
+
+    def store_residual(self, step: int, branch: int, residual: torch.Tensor) -> None:
+        run = self._run
+        assert run is not None
+        if self.config.calibrate and branch == 0:
+            self._calibrate(run, residual)
+        if self.config.calibrate or any(self.plan[step + 1:]):
+            run.residuals[branch] = residual
+        else:
+            run.residuals.pop(branch, None)   # nothing left to skip in this run: hold no memory
+
+    def _calibrate(self, run: _Run, residual: torch.Tensor) -> None:
+        report = run.report
+        assert report.ratios is not None and report.ratio_std is not None and report.cosine_distance is not None
+        cur = residual.float()
+        prev = run.calib_prev
+        if prev is None:
+            report.ratios.append(1.0)
+            report.ratio_std.append(0.0)
+            report.cosine_distance.append(0.0)
+        else:
+            per_token = cur.norm(dim=-1) / prev.norm(dim=-1)
+            cos = torch.nn.functional.cosine_similarity(cur, prev, dim=-1)
+            report.ratios.append(per_token.mean().item())
+            report.ratio_std.append(per_token.std().item() if per_token.numel() > 1 else 0.0)
+            report.cosine_distance.append((1 - cos).mean().item())
+        run.calib_prev = cur
+        logger.debug("MagCache calibration step %d: ratio %.5f", len(report.ratios) - 1, report.ratios[-1])
+
+    # -- calibration results ----------------------------------------------
+
+    def calibration_runs(self) -> list[RunReport]:
+        return [r for r in self.runs if r.calibrate and r.status == "complete" and r.ratios
+                and len(r.ratios) == r.num_steps]
+
+    def calibration_profile(self, variant: str, resolution: int | None = None) -> MagCacheProfile:
+        """Average the complete calibration runs (sections) of this state into a profile."""
+        runs = self.calibration_runs()
+        if not runs:
+            raise ValueError("no complete calibration run to average: enable MagCache with "
+                             "MagCacheConfig(calibrate=True) and let at least one sampling run finish")
+
+        def mean(rows: list[list[float]]) -> list[float]:
+            return [sum(col) / len(col) for col in zip(*rows)]
+
+        profile = MagCacheProfile(
+            variant=variant, num_steps=runs[0].num_steps, resolution=resolution,
+            ratios=[round(r, 5) for r in mean([r.ratios for r in runs])],
+            ratio_std=[round(r, 5) for r in mean([r.ratio_std for r in runs])],
+            cosine_distance=[round(r, 5) for r in mean([r.cosine_distance for r in runs])],
+            runs=len(runs),
+        )
+        logger.info("MagCache calibration over %d run(s): ratios %s", len(runs), profile.ratios)
+        return profile
+
+
+# ---------------------------------------------------------------------------
+# Patching one transformer instance
+# ---------------------------------------------------------------------------
+
+_STATE_ATTR = "_magcache_state"
+_REQUIRED_ATTRS = ("process_input_hidden_states", "x_embedder", "time_text_embed", "context_embedder",
+                   "transformer_blocks", "single_transformer_blocks", "norm_out", "proj_out",
+                   "gradient_checkpointing_method", "config")
+
+
+def get_magcache_state(transformer: torch.nn.Module) -> MagCacheState | None:
+    return transformer.__dict__.get(_STATE_ATTR)
+
+
+def enable_magcache(transformer: torch.nn.Module, config: MagCacheConfig) -> MagCacheState:
+    """Patch this transformer instance (never its class) to run MagCache.
+
+    Enabling an already enabled instance replaces its settings and state.
+    """
+    if not isinstance(config, MagCacheConfig):
+        raise TypeError(f"config must be a MagCacheConfig, got {type(config).__name__}")
+    missing = [a for a in _REQUIRED_ATTRS if not hasattr(transformer, a)]
+    if missing:
+        raise TypeError(f"{type(transformer).__name__} does not look like FramePack's "
+                        f"HunyuanVideoTransformer3DModelPacked (missing: {', '.join(missing)})")
+    old = get_magcache_state(transformer)
+    if old is not None:
+        old.end_run(interrupted=True)
+        original = old._original_forward
+    else:
+        original = transformer.__dict__.get("forward")
+    if getattr(transformer, "enable_teacache", False):
+        logger.warning("MagCache replaces FramePack's TeaCache on this transformer while enabled")
+    state = MagCacheState(config, original)
+    transformer.__dict__[_STATE_ATTR] = state
+    transformer.__dict__["forward"] = _magcache_forward.__get__(transformer)
+    plan = state.plan
+    logger.info("MagCache enabled: thresh=%s K=%s retention=%s steps=%d%s -> %d of %d steps computed",
+                config.magcache_thresh, config.magcache_K, config.retention_ratio, config.num_steps,
+                " (calibration)" if config.calibrate else "", plan.count(False), len(plan))
+    return state
+
+
+def disable_magcache(transformer: torch.nn.Module) -> None:
+    """Restore the transformer's forward exactly as it was before enable."""
+    state = transformer.__dict__.pop(_STATE_ATTR, None)
+    if state is None:
+        return
+    state.end_run(interrupted=True)
+    if state._original_forward is not None:
+        transformer.__dict__["forward"] = state._original_forward
+    else:
+        transformer.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def magcache(transformer: torch.nn.Module, config: MagCacheConfig) -> Iterator[MagCacheState]:
+    """``with magcache(transformer, config):`` enable, then disable whatever happens."""
+    state = enable_magcache(transformer, config)
+    try:
+        yield state
+    finally:
+        disable_magcache(transformer)
+
+
+@contextlib.contextmanager
+def magcache_run(transformer: torch.nn.Module) -> Iterator[RunReport | None]:
+    """Scope one sampling run (one section): clean state in, report closed out.
+
+    Inside it, steps are counted from 0 no matter how the previous run ended,
+    and no timestep is read back from the device.  Yields the live
+    :class:`RunReport`, or None when MagCache is not enabled on ``transformer``.
+    """
+    state = get_magcache_state(transformer)
+    if state is None:
+        yield None
+        return
+    report = state.start_run()
+    state._explicit = True
+    ok = False
+    try:
+        yield report
+        ok = True
+    finally:
+        state._explicit = False
+        if state._run is not None and state._run.report is report:
+            state.end_run(interrupted=not ok)
+
+
+def _framepack_attention_mask(model: torch.nn.Module, encoder_attention_mask: torch.Tensor,
+                              img_seq_len: int, txt_seq_len: int) -> tuple:
+    """FramePack's var-len attention arguments for batch > 1, from the model's own module."""
+    for cls in type(model).__mro__:
+        if "process_input_hidden_states" in cls.__dict__:
+            get_cu_seqlens = getattr(sys.modules[cls.__module__], "get_cu_seqlens")
+            cu = get_cu_seqlens(encoder_attention_mask, img_seq_len)
+            return cu, cu, img_seq_len + txt_seq_len, img_seq_len + txt_seq_len
+    raise TypeError("cannot find FramePack's get_cu_seqlens for batch > 1")
+
+
+def _magcache_forward(self: Any, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                      encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                      pooled_projections: torch.Tensor, guidance: torch.Tensor,
+                      latent_indices: torch.Tensor | None = None,
+                      clean_latents: torch.Tensor | None = None, clean_latent_indices: torch.Tensor | None = None,
+                      clean_latents_2x: torch.Tensor | None = None,
+                      clean_latent_2x_indices: torch.Tensor | None = None,
+                      clean_latents_4x: torch.Tensor | None = None,
+                      clean_latent_4x_indices: torch.Tensor | None = None,
+                      image_embeddings: torch.Tensor | None = None,
+                      attention_kwargs: dict | None = None, return_dict: bool = True) -> Any:
+    """Drop-in forward of the packed transformer with MagCache.
+
+    A computed step runs the same operations in the same order as FramePack's
+    forward (so its output is bitwise the same) and keeps the stack residual of
+    the output tokens.  A skipped step embeds only the noisy latents, adds the
+    cached residual and runs the output head: nothing else.
+    """
+    state: MagCacheState = self.__dict__[_STATE_ATTR]
+    run_ckpt = self.gradient_checkpointing_method
+    batch_size, _, num_frames, height, width = hidden_states.shape
+    p, p_t = self.config["patch_size"], self.config["patch_size_t"]
+    t_out, h_out, w_out = num_frames // p_t, height // p, width // p
+    out_tokens = t_out * h_out * w_out   # the noisy-latent tokens: the last ones of the packed sequence
+
+    step, branch = state.begin_call(hidden_states, timestep)
+    residual = state.should_skip(step, branch, out_tokens)
+
+    if residual is not None:
+        x = run_ckpt(self.x_embedder.proj, hidden_states).flatten(2).transpose(1, 2)
+        temb = run_ckpt(self.time_text_embed, timestep, guidance, pooled_projections)
+        x = x + residual
+        x = run_ckpt(self.norm_out, x, temb)
+        state.record(step, branch, skipped=True)
+    else:
+        x, rope_freqs = self.process_input_hidden_states(
+            hidden_states, latent_indices, clean_latents, clean_latent_indices,
+            clean_latents_2x, clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices)
+        temb = run_ckpt(self.time_text_embed, timestep, guidance, pooled_projections)
+        context = run_ckpt(self.context_embedder, encoder_hidden_states, timestep, encoder_attention_mask)
+        context_mask = encoder_attention_mask
+        if self.image_projection is not None:
+            if image_embeddings is None:
+                raise ValueError("this transformer has an image projection: pass image_embeddings")
+            extra = run_ckpt(self.image_projection, image_embeddings)
+            extra_mask = torch.ones((batch_size, extra.shape[1]), dtype=context_mask.dtype, device=context_mask.device)
+            context = torch.cat([extra, context], dim=1)   # image tokens first: the mask crops from the end
+            context_mask = torch.cat([extra_mask, context_mask], dim=1)
+        with torch.no_grad():
+            if batch_size == 1:
+                context = context[:, :context_mask.sum().item()]
+                attention_mask = (None, None, None, None)
+            else:
+                attention_mask = _framepack_attention_mask(self, context_mask, x.shape[1], context.shape[1])
+
+        stack_in = x[:, -out_tokens:]     # a view: the blocks never write into their input
+        for block in self.transformer_blocks:
+            x, context = run_ckpt(block, x, context, temb, attention_mask, rope_freqs)
+        for block in self.single_transformer_blocks:
+            x, context = run_ckpt(block, x, context, temb, attention_mask, rope_freqs)
+        state.store_residual(step, branch, x[:, -out_tokens:] - stack_in)
+        x = run_ckpt(self.norm_out, x, temb)
+        x = x[:, -out_tokens:, :]
+        state.record(step, branch, skipped=False)
+
+    if getattr(self, "high_quality_fp32_output_for_inference", False):
+        x = x.to(dtype=torch.float32)
+        if self.proj_out.weight.dtype != torch.float32:
+            self.proj_out.to(dtype=torch.float32)
+    x = run_ckpt(self.proj_out, x)
+    # (b, t*h*w, c*pt*ph*pw) -> (b, c, t*pt, h*ph, w*pw)
+    x = x.reshape(batch_size, t_out, h_out, w_out, -1, p_t, p, p)
+    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch_size, -1, t_out * p_t, h_out * p, w_out * p)
+    if return_dict:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput  # loaded with the model already
+        return Transformer2DModelOutput(sample=x)
+    return (x,)

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random-weight instances of FramePack's real transformer and sampler.
+
+FramePack's code comes from the ``framepack`` package on the index (its
+``diffusers_helper`` lives under ``framepack.diffusers_helper``).  Everything
+here runs on the CPU in float32, so a 25-step section takes well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The models here are tiny: one thread is much faster than two fighting over a busy 2-core machine.
+torch.set_num_threads(1)
+
+WINDOW = 9            # FramePack's latent window: 9 latent frames = 33 video frames per section
+
+
+def packed_transformer_class():
+    from framepack.diffusers_helper.models.hunyuan_video_packed import HunyuanVideoTransformer3DModelPacked
+    return HunyuanVideoTransformer3DModelPacked
+
+
+def sample_hunyuan(*args: Any, **kwargs: Any):
+    from framepack.diffusers_helper.pipelines.k_diffusion_hunyuan import sample_hunyuan as real
+    return real(*args, **kwargs)
+
+
+def build_transformer(heads: int = 2, head_dim: int = 16, layers: int = 2, single_layers: int = 2,
+                      refiner_layers: int = 1, text_dim: int = 32, seed: int = 0) -> torch.nn.Module:
+    """A tiny packed transformer with random weights, image projection and clean-x embedder installed."""
+    torch.manual_seed(seed)
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    model = packed_transformer_class()(
+        num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+        num_single_layers=single_layers, num_refiner_layers=refiner_layers, text_embed_dim=text_dim,
+        pooled_projection_dim=16, rope_axes_dim=rope, has_image_proj=True, image_proj_dim=24,
+        has_clean_x_embedder=True)
+    # Random init leaves the zero-initialised gates of a fresh model inert; give every weight a value.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+@dataclasses.dataclass
+class Section:
+    """The inputs FramePack gives ``sample_hunyuan`` for one section (inverted order, middle section)."""
+
+    kwargs: dict[str, Any]
+    width: int
+    height: int
+    text_len: int
+
+
+def make_section(transformer: torch.nn.Module, width: int = 64, height: int = 64, text_len: int = 12,
+                 text_pad: int = 32, seed: int = 1, padding: int = 1) -> Section:
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    h, w = height // 8, width // 8
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    mask = torch.zeros(1, text_pad, dtype=torch.bool)
+    mask[:, :text_len] = True
+    indices = torch.arange(0, 1 + padding + WINDOW + 1 + 2 + 16).unsqueeze(0)
+    pre, _, latent_idx, post, idx_2x, idx_4x = indices.split([1, padding, WINDOW, 1, 2, 16], dim=1)
+    kwargs = dict(
+        prompt_embeds=rnd(1, text_pad, cfg.text_embed_dim), prompt_embeds_mask=mask,
+        prompt_poolers=rnd(1, cfg.pooled_projection_dim),
+        negative_prompt_embeds=rnd(1, text_pad, cfg.text_embed_dim), negative_prompt_embeds_mask=mask.clone(),
+        negative_prompt_poolers=rnd(1, cfg.pooled_projection_dim),
+        image_embeddings=rnd(1, 7, cfg.image_proj_dim),
+        latent_indices=latent_idx,
+        clean_latents=rnd(1, 16, 2, h, w), clean_latent_indices=torch.cat([pre, post], dim=1),
+        clean_latents_2x=rnd(1, 16, 2, h, w), clean_latent_2x_indices=idx_2x,
+        clean_latents_4x=rnd(1, 16, 16, h, w), clean_latent_4x_indices=idx_4x,
+    )
+    return Section(kwargs=kwargs, width=width, height=height, text_len=text_len)
+
+
+def run_section(transformer: Any, section: Section, steps: int = 25, cfg: float = 1.0, seed: int = 7,
+                callback: Callable | None = None) -> torch.Tensor:
+    """One real FramePack sampling run (UniPC) on the CPU in float32."""
+    return sample_hunyuan(
+        transformer=transformer, sampler="unipc", width=section.width, height=section.height,
+        frames=WINDOW * 4 - 3, real_guidance_scale=cfg, distilled_guidance_scale=10.0, guidance_rescale=0.0,
+        num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+        device=torch.device("cpu"), dtype=torch.float32, callback=callback, **section.kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer() -> torch.nn.Module:
+    return build_transformer()
+
+
+@pytest.fixture(scope="session")
+def section(tiny_transformer: torch.nn.Module) -> Section:
+    return make_section(tiny_transformer)

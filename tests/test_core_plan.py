@@ -1,0 +1,238 @@
+"""The skip plan, ratio resampling, configuration and profiles: pure functions, no model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import magcache_core as mc
+
+
+# --- an independent restatement of the published rule -------------------------------------------
+
+def reference_resample(table, n, mode):
+    table = np.asarray(table, dtype=np.float64)
+    m = len(table)
+    if n == m:
+        return table
+    if mode == "nearest":
+        if n == 1:
+            return table[-1:]
+        return table[np.round(np.arange(n) * ((m - 1) / (n - 1))).astype(int)]
+    if n == 1:
+        return np.ones(1)
+    cum = np.concatenate([[0.0], np.cumsum(np.log(table[1:]))])
+    c = np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, m), cum)
+    return np.concatenate([[1.0], np.exp(np.diff(c))])
+
+
+def reference_plan(table, n, thresh, k, retention, mode="magnitude"):
+    r = reference_resample(table, n, mode)
+    skipped = []
+    acc = {"ratio": 1.0, "err": 0.0, "steps": 0}
+    for t in range(n):
+        if t == 0:
+            acc = {"ratio": 1.0, "err": 0.0, "steps": 0}
+        if t >= int(retention * n) and t >= 1:
+            acc["ratio"] = acc["ratio"] * float(r[t])
+            acc["err"] = acc["err"] + abs(1 - acc["ratio"])
+            acc["steps"] += 1
+            if acc["err"] <= thresh and acc["steps"] <= k and abs(1 - float(r[t])) <= 0.06:
+                skipped.append(True)
+                continue
+            acc = {"ratio": 1.0, "err": 0.0, "steps": 0}
+        skipped.append(False)
+    return skipped
+
+
+def edge_thresholds(table):
+    """Thresholds equal to errors the rule actually accumulates: `<=` must admit them exactly."""
+    out = set()
+    for start in range(1, len(table)):
+        ratio, err = 1.0, 0.0
+        for t in range(start, min(start + 5, len(table))):
+            ratio *= table[t]
+            err += abs(1 - ratio)
+            out.add(err)
+    return sorted(x for x in out if x <= 1.0)
+
+
+TABLES = {"framepack": mc.FRAMEPACK_MAG_RATIOS, "f1": mc.FRAMEPACK_F1_MAG_RATIOS}
+
+
+@pytest.mark.parametrize("variant", sorted(TABLES))
+def test_plan_matches_rule_on_published_tables(variant):
+    table = TABLES[variant]
+    thresholds = sorted(set(np.round(np.linspace(0.0, 1.0, 201), 6).tolist()) | set(edge_thresholds(table)))
+    checked = 0
+    for thresh in thresholds:
+        for k in range(1, 7):
+            for retention in (0.0, 0.04, 0.1, 0.2, 0.29, 0.5, 0.96):
+                got = mc.skip_schedule(table, 25, thresh, k, retention)
+                assert got == reference_plan(table, 25, thresh, k, retention), (thresh, k, retention)
+                checked += 1
+    assert checked > 8000
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 13, 24, 26, 49, 51, 100])
+@pytest.mark.parametrize("mode", ["nearest", "magnitude"])
+def test_plan_matches_rule_on_resampled_tables(n, mode):
+    for thresh in (0.0, 0.02, 0.06, 0.1, 0.15, 0.3, 1.0):
+        for k in range(1, 6):
+            for retention in (0.0, 0.2, 0.29):
+                got = mc.skip_schedule(mc.FRAMEPACK_MAG_RATIOS, n, thresh, k, retention, resample=mode)
+                assert got == reference_plan(mc.FRAMEPACK_MAG_RATIOS, n, thresh, k, retention, mode)
+
+
+def test_published_step_counts():
+    # E015K4R02 computes 11 of 25 steps on FramePack and 10 on F1: the published 2.25x / 2.45x.
+    assert mc.skip_schedule(mc.FRAMEPACK_MAG_RATIOS, 25, 0.15, 4, 0.2).count(False) == 11
+    assert mc.skip_schedule(mc.FRAMEPACK_F1_MAG_RATIOS, 25, 0.15, 4, 0.2).count(False) == 10
+    assert mc.MagCacheConfig.from_preset("E015K4R02").schedule().count(False) == 11
+
+
+def test_retention_truncates_like_int():
+    ratios = [1.0] * 100
+    plan = mc.skip_schedule(ratios, 100, 1.0, 100, 0.29)
+    assert int(0.29 * 100) == 28
+    assert plan.index(True) == 28
+
+
+def test_first_step_always_computed_and_zero_thresh_still_skips_exact_ones():
+    assert mc.skip_schedule([1.0] * 10, 10, 0.0, 1, 0.0) == [False] + [True, False] * 4 + [True]
+
+
+# --- resampling ------------------------------------------------------------------------------------
+
+def magnitudes_to_ratios(mags):
+    return [1.0] + [mags[i] / mags[i - 1] for i in range(1, len(mags))]
+
+
+def test_nearest_is_the_reference_stretch():
+    table = list(mc.FRAMEPACK_MAG_RATIOS)
+    assert mc.resample_mag_ratios(table, 25, "nearest") == table
+    assert mc.resample_mag_ratios(table, 1, "nearest") == [table[-1]]
+    got = mc.resample_mag_ratios(table, 50, "nearest")
+    # index round(i * 24 / 49), half to even
+    assert got == [table[round(i * (24 / 49))] for i in range(50)]
+    assert got[:4] == [table[0], table[0], table[1], table[1]]
+
+
+def test_magnitude_resampling_is_exact_on_a_log_linear_curve():
+    a = -0.8
+    table = magnitudes_to_ratios([math.exp(a * j / 24) for j in range(25)])
+    for n in (5, 13, 24, 26, 50, 97):
+        got = mc.resample_mag_ratios(table, n)
+        assert got[0] == 1.0
+        assert got[1:] == pytest.approx([math.exp(a / (n - 1))] * (n - 1), rel=1e-12)
+
+
+def test_magnitude_resampling_keeps_the_curve_of_a_smooth_magnitude():
+    f = lambda s: math.sin(3 * s) + 0.5 * s * s   # log-magnitude over normalised time
+    table = magnitudes_to_ratios([math.exp(f(j / 24)) for j in range(25)])
+    # 49 steps put a new step on every old one: the cumulative curve is hit exactly there
+    fine = mc.resample_mag_ratios(table, 49)
+    for j in range(1, 25):
+        assert fine[2 * j - 1] * fine[2 * j] == pytest.approx(table[j], rel=1e-12)
+    # any N: each new ratio is the curve's change over its step, up to the table's resolution
+    for n in (9, 13, 40, 50):
+        got = mc.resample_mag_ratios(table, n)
+        for i in range(1, n):
+            truth = f(i / (n - 1)) - f((i - 1) / (n - 1))
+            assert math.log(got[i]) == pytest.approx(truth, abs=5e-3)
+        assert math.prod(got) == pytest.approx(math.prod(table), rel=1e-12)
+
+
+def test_nearest_stretch_distorts_the_total_change_magnitude_does_not():
+    table = mc.FRAMEPACK_MAG_RATIOS
+    total = math.prod(table)
+    assert math.prod(mc.resample_mag_ratios(table, 50, "magnitude")) == pytest.approx(total, rel=1e-12)
+    assert abs(math.log(math.prod(mc.resample_mag_ratios(table, 50, "nearest"))) - math.log(total)) > 0.1
+
+
+def test_equal_length_table_used_as_is():
+    assert mc.resample_mag_ratios(mc.FRAMEPACK_F1_MAG_RATIOS, 25) == list(mc.FRAMEPACK_F1_MAG_RATIOS)
+
+
+# --- configuration and profiles ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"magcache_thresh": -0.1}, "magcache_thresh = -0.1: must be a finite number >= 0"),
+    ({"magcache_thresh": float("nan")}, "magcache_thresh = nan"),
+    ({"magcache_thresh": float("inf")}, "finite"),
+    ({"magcache_K": 0}, "magcache_K = 0: must be an integer >= 1"),
+    ({"magcache_K": 2.5}, "magcache_K = 2.5: must be an integer >= 1"),
+    ({"magcache_K": True}, "magcache_K = True"),
+    ({"retention_ratio": 1.0}, "retention_ratio = 1.0: must be in [0, 1)"),
+    ({"retention_ratio": -0.01}, "must be in [0, 1)"),
+    ({"num_steps": 0}, "num_steps = 0: must be an integer >= 1"),
+    ({"mag_ratios": []}, "mag_ratios is empty"),
+    ({"mag_ratios": [1.0, float("nan")]}, "mag_ratios[1] = nan: each ratio must be a positive finite number"),
+    ({"mag_ratios": [1.0, 0.0]}, "mag_ratios[1] = 0.0"),
+    ({"mag_ratios": [1.0, -1.0]}, "positive finite"),
+    ({"mag_ratios": [1.0, "x"]}, "is not a number"),
+    ({"resample": "linear"}, "resample = 'linear': must be one of magnitude, nearest"),
+    ({"variant": "sdxl"}, "variant = 'sdxl'"),
+])
+def test_bad_config_says_what_is_wrong(kwargs, fragment):
+    with pytest.raises(ValueError) as err:
+        mc.MagCacheConfig(**kwargs)
+    assert fragment in str(err.value)
+
+
+def test_integral_float_k_is_accepted():
+    assert mc.MagCacheConfig(magcache_K=4.0).magcache_K == 4
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="choose one of E010K3R02, E015K4R02"):
+        mc.MagCacheConfig.from_preset("fast")
+
+
+def test_profile_round_trip(tmp_path):
+    profile = mc.MagCacheProfile(variant="f1", num_steps=3, resolution=640, ratios=[1.0, 1.1, 0.9],
+                                 ratio_std=[0.0, 0.01, 0.02], cosine_distance=[0.0, 0.1, 0.2], runs=4)
+    path = profile.save(tmp_path / "p" / "f1.json")
+    data = json.loads(path.read_text())
+    assert data["variant"] == "f1" and data["num_steps"] == 3 and data["resolution"] == 640
+    assert data["ratios"] == [1.0, 1.1, 0.9] and "created" in data
+    loaded = mc.MagCacheProfile.load(path)
+    assert loaded == profile
+    config = mc.MagCacheConfig(mag_ratios=str(path), num_steps=3, variant="f1")
+    assert config.mag_ratios == (1.0, 1.1, 0.9) and config.profile == profile
+    assert mc.MagCacheConfig(mag_ratios=loaded, num_steps=3).mag_ratios == (1.0, 1.1, 0.9)
+
+
+def test_profile_of_another_variant_is_refused(tmp_path):
+    path = mc.MagCacheProfile(variant="f1", num_steps=2, ratios=[1.0, 1.0]).save(tmp_path / "f1.json")
+    with pytest.raises(ValueError, match="calibrated for 'f1', not 'framepack'"):
+        mc.MagCacheConfig(mag_ratios=path, variant="framepack")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "not valid JSON"),
+    ('{"variant": "f1"}', "is not a MagCache profile"),
+    (json.dumps({"format": mc.PROFILE_FORMAT, "variant": "f1"}), "lacks num_steps, ratios"),
+    (json.dumps({"format": mc.PROFILE_FORMAT, "variant": "f1", "num_steps": 3, "ratios": [1.0, 1.0]}),
+     "num_steps = 3 but it holds 2 ratios"),
+    (json.dumps({"format": mc.PROFILE_FORMAT, "variant": "f1", "num_steps": 2, "ratios": [1.0, -2]}),
+     "positive finite"),
+])
+def test_bad_profiles_are_refused_clearly(tmp_path, content, fragment):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="bad.json") as err:
+        mc.MagCacheProfile.load(path)
+    assert fragment in str(err.value)
+
+
+def test_missing_profile_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read MagCache profile"):
+        mc.MagCacheConfig(mag_ratios=tmp_path / "nope.json")
+
+
+def test_calibrate_plan_skips_nothing():
+    assert mc.MagCacheConfig(calibrate=True, magcache_thresh=1.0).schedule() == [False] * 25
