@@ -1,0 +1,1228 @@
+"""Headless FramePack image-to-video pipeline with MagCache.
+
+This module is what the Gradio app, the CLI and the benchmarks share: it finds
+FramePack's ``diffusers_helper`` code, loads the models (the real ones from the
+Hugging Face Hub, or tiny random-weight ones for tests and CPU smoke runs), runs
+one generation job section by section, writes the MP4s and reports what
+MagCache did in every section.
+
+FramePack and FramePack-F1 run through ONE section loop.  What differs between
+them is captured by :class:`Variant` (model repository, published MagCache
+ratios) and by the history layout (:class:`_InvertedHistory` for FramePack,
+which generates the video back to front, and :class:`_ForwardHistory` for F1,
+which generates it front to back).
+
+Nothing heavy happens at import time: FramePack's modules, diffusers and
+transformers are imported when first needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib
+import importlib.util
+import logging
+import math
+import numbers
+import os
+import pathlib
+import threading
+import time
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+import magcache_core
+
+logger = logging.getLogger(__name__)
+
+#: FramePack's output frame rate: its section/frame arithmetic assumes it.
+FPS = 30
+#: Bucket resolution FramePack was trained at (its only bucket table).
+FRAMEPACK_RESOLUTION = 640
+#: Tiny models render at most this bucket resolution, so a job stays a CPU job of seconds.
+TINY_RESOLUTION = 128
+#: FramePack switches to "high VRAM" mode (everything resident on the GPU) above this much free memory.
+HIGH_VRAM_THRESHOLD_GB = 60.0
+#: Text tokens FramePack keeps for the LLaMA prompt embedding (crop or zero-pad).
+PROMPT_TOKENS = 512
+#: GB FramePack keeps free on the GPU when it offloads the transformer before VAE decoding.
+OFFLOAD_PRESERVED_MEMORY_GB = 8.0
+CACHE_MODES = ("magcache", "teacache", "off")
+HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
+SIGLIP_REPO = "lllyasviel/flux_redux_bfl"
+
+
+# ---------------------------------------------------------------------------
+# Finding FramePack
+# ---------------------------------------------------------------------------
+
+@functools.cache
+def framepack_modules() -> types.SimpleNamespace:
+    """Import FramePack's helper modules once and hand them out as one namespace.
+
+    Inside a FramePack checkout (the demo scripts are dropped into one) the code
+    is the top-level package ``diffusers_helper`` and must win, so the user's own
+    FramePack version is the one that runs; otherwise the ``framepack`` package
+    from the index provides it as ``framepack.diffusers_helper``.  The choice is
+    made on whether a top-level ``diffusers_helper`` exists at all, so a broken
+    checkout raises its own ImportError instead of silently falling back.
+
+    ``diffusers_helper.memory`` reads the current CUDA device at import, so it is
+    only imported when CUDA is available (``memory`` is None otherwise).
+    """
+    if importlib.util.find_spec("diffusers_helper") is not None:
+        prefix, source = "diffusers_helper", "checkout"
+    else:
+        prefix, source = "framepack.diffusers_helper", "package"
+
+    def load(name: str) -> types.ModuleType:
+        return importlib.import_module(f"{prefix}.{name}")
+
+    modules = types.SimpleNamespace(
+        hunyuan=load("hunyuan"),
+        utils=load("utils"),
+        sampler=load("pipelines.k_diffusion_hunyuan"),
+        clip_vision=load("clip_vision"),
+        bucket_tools=load("bucket_tools"),
+        models=load("models.hunyuan_video_packed"),
+        memory=load("memory") if torch.cuda.is_available() else None,
+        source=source,
+    )
+    logger.info("FramePack code from the %s (%s)", source, prefix)
+    return modules
+
+
+# ---------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What distinguishes FramePack from FramePack-F1 for this pipeline.
+
+    ``forward_sections``: F1 generates sections in playback order, each one
+    conditioned on the latest history; FramePack generates the last section
+    first, anchored on the input image, and walks backwards.
+    """
+
+    name: str
+    title: str
+    transformer_repo: str
+    mag_ratios: tuple[float, ...]
+    forward_sections: bool
+
+
+VARIANTS: Mapping[str, Variant] = types.MappingProxyType({
+    "framepack": Variant("framepack", "FramePack", "lllyasviel/FramePackI2V_HY",
+                         magcache_core.FRAMEPACK_MAG_RATIOS, forward_sections=False),
+    "f1": Variant("f1", "FramePack-F1", "lllyasviel/FramePack_F1_I2V_HY_20250503",
+                  magcache_core.FRAMEPACK_F1_MAG_RATIOS, forward_sections=True),
+})
+
+
+def get_variant(variant: str | Variant) -> Variant:
+    """Resolve a variant name (or pass a Variant through); ValueError names the accepted ones."""
+    if isinstance(variant, Variant):
+        return variant
+    try:
+        return VARIANTS[variant]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Models:
+    """Every model a job needs, plus where and how they run.
+
+    ``device`` is where sampling and decoding happen.  ``high_vram`` False means
+    FramePack's low-VRAM regime: models live on the CPU and are moved in and out
+    of the GPU around each stage (the transformer streamed by DynamicSwap).
+    """
+
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    vae: Any
+    feature_extractor: Any
+    image_encoder: Any
+    transformer: Any
+    variant: Variant
+    device: torch.device
+    high_vram: bool
+    tiny: bool
+    # one job at a time on these models: a second concurrent run_job is refused, not interleaved
+    busy: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype: bf16 as FramePack, float32 for tiny CPU models."""
+        return torch.float32 if self.tiny else torch.bfloat16
+
+
+def load_models(variant: str, tiny: bool = False) -> Models:
+    """Load the models of ``variant`` ("framepack" or "f1").
+
+    Real models are the ones FramePack's demos load, in the same dtypes and with
+    the same VRAM handling; they need a CUDA GPU (RuntimeError otherwise).
+    ``tiny=True`` builds every component from its real class with tiny random
+    weights on the CPU: no download, a job takes seconds.
+    """
+    spec = get_variant(variant)
+    if tiny:
+        return build_tiny_models(spec)
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{spec.title} needs a CUDA GPU to run the real models and none is available here. "
+            "Use --tiny (load_models(..., tiny=True)) for a CPU run with tiny random-weight models.")
+    return _load_real_models(spec)
+
+
+def _pretrained_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers 5 renamed ``torch_dtype`` to ``dtype``; pass whichever this version expects."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def _load_real_models(variant: Variant) -> Models:
+    """FramePack's demo setup: the same repos, dtypes, VRAM mode and offloading."""
+    import transformers
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    fp = framepack_modules()
+    memory = fp.memory
+    free_gb = memory.get_cuda_free_memory_gb(memory.gpu)
+    high_vram = free_gb > HIGH_VRAM_THRESHOLD_GB
+    logger.info("Free VRAM %.1f GB: %s-VRAM mode", free_gb, "high" if high_vram else "low")
+
+    half = _pretrained_dtype_kwargs(torch.float16)
+    llama_tokenizer_cls = getattr(transformers, "LlamaTokenizerFast", None) or transformers.LlamaTokenizer
+    text_encoder = transformers.LlamaModel.from_pretrained(HUNYUAN_REPO, subfolder="text_encoder", **half).cpu()
+    text_encoder_2 = transformers.CLIPTextModel.from_pretrained(HUNYUAN_REPO, subfolder="text_encoder_2",
+                                                                **half).cpu()
+    tokenizer = llama_tokenizer_cls.from_pretrained(HUNYUAN_REPO, subfolder="tokenizer")
+    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(HUNYUAN_REPO, subfolder="tokenizer_2")
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(HUNYUAN_REPO, subfolder="vae", torch_dtype=torch.float16).cpu()
+    feature_extractor = transformers.SiglipImageProcessor.from_pretrained(SIGLIP_REPO, subfolder="feature_extractor")
+    image_encoder = transformers.SiglipVisionModel.from_pretrained(SIGLIP_REPO, subfolder="image_encoder",
+                                                                   **half).cpu()
+    transformer = fp.models.HunyuanVideoTransformer3DModelPacked.from_pretrained(
+        variant.transformer_repo, torch_dtype=torch.bfloat16).cpu()
+
+    for model in (vae, text_encoder, text_encoder_2, image_encoder, transformer):
+        model.eval()
+        model.requires_grad_(False)
+    if not high_vram:
+        # decode in slices and tiles so the VAE fits next to what stays resident
+        vae.enable_slicing()
+        vae.enable_tiling()
+    # FramePack computes the final projection in fp32 for quality
+    transformer.high_quality_fp32_output_for_inference = True
+    transformer.to(dtype=torch.bfloat16)
+    for model in (vae, image_encoder, text_encoder, text_encoder_2):
+        model.to(dtype=torch.float16)
+
+    if high_vram:
+        for model in (text_encoder, text_encoder_2, image_encoder, vae, transformer):
+            model.to(memory.gpu)
+    else:
+        # stream weights to the GPU module by module instead of holding the whole model there
+        memory.DynamicSwapInstaller.install_model(transformer, device=memory.gpu)
+        memory.DynamicSwapInstaller.install_model(text_encoder, device=memory.gpu)
+
+    return Models(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                  tokenizer_2=tokenizer_2, vae=vae, feature_extractor=feature_extractor,
+                  image_encoder=image_encoder, transformer=transformer, variant=variant,
+                  device=memory.gpu, high_vram=high_vram, tiny=False)
+
+
+# -- tiny models ---------------------------------------------------------------
+
+TINY_SEED = 20240417
+_TINY_HIDDEN = 32            # LLaMA hidden = transformer text_embed_dim; also CLIP and SigLIP width
+_TINY_SIGLIP_IMAGE = 32
+# A small everyday vocabulary; the prompt template's own words are added at build time.
+_TINY_WORDS = (
+    "a an the and or of in on at to with by for from is are was be it its this that his her their "
+    "man woman girl boy person people character cat dog bird horse car tree flower house city street "
+    "sky sea water river mountain forest room table chair window light sun moon night day rain snow "
+    "dances dancing walks walking runs running jumps smiles looks turns waves moves moving sits stands "
+    "holds plays sings talks flies swims rides gracefully slowly quickly gently clear clearly simple "
+    "body movements movement full charm camera zoom pan close up wide shot view red green blue white "
+    "black yellow bright dark soft warm cold big small young old happy beautiful cinematic video scene"
+).split()
+
+
+def _tiny_vocab(extra_text: str) -> list[str]:
+    """Words, digits and punctuation the tiny tokenizers know, in a stable order."""
+    from tokenizers import pre_tokenizers
+
+    pieces = [p for p, _ in pre_tokenizers.Whitespace().pre_tokenize_str(extra_text)]
+    words = list(_TINY_WORDS) + pieces + [str(d) for d in range(10)] + list(".,:;!?'\"-()")
+    return list(dict.fromkeys(words))
+
+
+def _tiny_llama_tokenizer() -> Any:
+    """An offline word-level stand-in for HunyuanVideo's LLaMA-3 tokenizer.
+
+    FramePack crops the first ``crop_start`` tokens (the system prompt of
+    diffusers' HunyuanVideo template) off the text embedding.  Newlines are
+    tokens of their own here, as in LLaMA-3, so the template's prefix is at
+    least ``crop_start`` tokens long and the crop always keeps the user's prompt
+    and the closing ``<|eot_id|>``.
+    """
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>", "<pad>"]
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    for token in special:
+        template = template.replace(token, " ")
+    vocab = {token: i for i, token in enumerate(special + ["\n"] + _tiny_vocab(template))}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    # keep newlines as tokens, drop other whitespace, split words from punctuation
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]+"), behavior="removed", invert=True)
+    tok.add_special_tokens(special)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", unk_token="<unk>",
+        pad_token="<pad>", padding_side="right", model_max_length=4096)
+
+
+def _tiny_clip_tokenizer() -> Any:
+    """An offline lower-casing word-level stand-in for CLIP's tokenizer (77 tokens, BOS/EOS framed)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    # EOS must not get id 2: CLIPTextModel reads a legacy eos_token_id == 2 as "pool at the largest id"
+    special = ["<|unk|>", "<|endoftext|>", "<|startoftext|>"]
+    vocab = {token: i for i, token in enumerate(special + [w.lower() for w in _tiny_vocab("")])}
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(special)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|unk|>",
+        pad_token="<|endoftext|>", padding_side="right", model_max_length=77)
+
+
+def build_tiny_models(variant: str | Variant) -> Models:
+    """Every FramePack component from its real class, with tiny random weights, on the CPU.
+
+    The shapes keep what FramePack's arithmetic depends on: 16 latent channels,
+    the VAE's 4x temporal / 8x spatial compression, the transformer's 2x2 patch,
+    clean-latent embedders (1x/2x/4x) and image projection.  Weights come from a
+    fixed seed inside a forked RNG, so the models are the same every time and the
+    caller's global RNG is left untouched.  Nothing is downloaded.
+    """
+    import transformers
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    spec = get_variant(variant)
+    fp = framepack_modules()
+    llama_tok = _tiny_llama_tokenizer()
+    clip_tok = _tiny_clip_tokenizer()
+    width = _TINY_HIDDEN
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        text_encoder = transformers.LlamaModel(transformers.LlamaConfig(
+            vocab_size=len(llama_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+            pad_token_id=llama_tok.pad_token_id, bos_token_id=llama_tok.bos_token_id,
+            eos_token_id=llama_tok.eos_token_id))
+        text_encoder_2 = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=77, pad_token_id=clip_tok.pad_token_id,
+            bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id))
+        image_encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+            image_size=_TINY_SIGLIP_IMAGE, patch_size=8, num_channels=3))
+        vae = AutoencoderKLHunyuanVideo(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(4, 4, 8, 8),
+            layers_per_block=1, norm_num_groups=2, spatial_compression_ratio=8, temporal_compression_ratio=4,
+            mid_block_add_attention=False)
+        transformer = fp.models.HunyuanVideoTransformer3DModelPacked(
+            in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=width,
+            pooled_projection_dim=width, rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=width,
+            has_clean_x_embedder=True)
+        # Default init leaves the block stack's contribution tiny next to its input; spread the
+        # weights so each step's residual changes visibly, as a trained model's does.
+        with torch.no_grad():
+            for param in transformer.parameters():
+                param.normal_(0.0, 0.05)
+    feature_extractor = transformers.SiglipImageProcessor.from_dict({
+        "do_resize": True, "size": {"height": _TINY_SIGLIP_IMAGE, "width": _TINY_SIGLIP_IMAGE},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+
+    # Tiny clips fit in memory whole; the temporal tiling meant for long real videos only recomputes overlaps.
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    transformer.high_quality_fp32_output_for_inference = True
+    for model in (text_encoder, text_encoder_2, image_encoder, vae, transformer):
+        model.to(dtype=torch.float32)
+        model.eval()
+        model.requires_grad_(False)
+    return Models(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=llama_tok,
+                  tokenizer_2=clip_tok, vae=vae, feature_extractor=feature_extractor, image_encoder=image_encoder,
+                  transformer=transformer, variant=spec, device=torch.device("cpu"), high_vram=True, tiny=True)
+
+
+# ---------------------------------------------------------------------------
+# Job settings and the frame arithmetic
+# ---------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass
+class JobSettings:
+    """One generation job, with FramePack's UI defaults.
+
+    ``cache``: "magcache" (this project), "teacache" (FramePack's built-in) or
+    "off".  ``mag_ratios`` is the path of a saved calibration profile, or None
+    for the variant's published ratios.  ``calibrate`` runs MagCache in
+    measuring mode (it never skips) and saves a profile at the end.
+    ``resolution`` is the bucket target; tiny models cap it at TINY_RESOLUTION.
+    """
+
+    prompt: str
+    n_prompt: str = ""
+    seed: int = 31337
+    total_second_length: float = 5.0
+    latent_window_size: int = 9
+    steps: int = 25
+    cfg: float = 1.0
+    gs: float = 10.0
+    rs: float = 0.0
+    gpu_memory_preservation: float = 6.0
+    cache: str = "magcache"
+    magcache_thresh: float = 0.10
+    magcache_K: int = 3
+    retention_ratio: float = 0.2
+    mag_ratios: str | None = None
+    calibrate: bool = False
+    mp4_crf: int = 16
+    resolution: int = FRAMEPACK_RESOLUTION
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, its value and what is accepted.
+
+        Ranges are those of FramePack's UI where it has one (CRF: libx264's 0-51).
+        Whole floats in integer fields (25.0 from a UI slider) are converted to int.
+        """
+        def bad(name: str, accepted: str) -> ValueError:
+            return ValueError(f"{name} = {getattr(self, name)!r}: {accepted}")
+
+        # UI sliders and JSON hand out 25.0 for 25: take whole floats as the integers they are
+        for name in ("seed", "latent_window_size", "steps", "magcache_K", "mp4_crf", "resolution"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
+
+        for name in ("prompt", "n_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise bad("seed", "must be an integer in [0, 2**63)")
+        if not _is_real(self.total_second_length) or not 0 < self.total_second_length <= 120:
+            raise bad("total_second_length", "must be a number of seconds in (0, 120]")
+        if not _is_int(self.latent_window_size) or not 1 <= self.latent_window_size <= 33:
+            raise bad("latent_window_size", "must be an integer from 1 to 33 (FramePack uses 9)")
+        if not _is_int(self.steps) or not 1 <= self.steps <= 100:
+            raise bad("steps", "must be an integer from 1 to 100 (FramePack uses 25)")
+        for name, low, high in (("cfg", 1.0, 32.0), ("gs", 1.0, 32.0), ("rs", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not _is_real(value) or not low <= value <= high:
+                raise bad(name, f"must be a number from {low} to {high}")
+        if not _is_real(self.gpu_memory_preservation) or not 0 <= self.gpu_memory_preservation <= 128:
+            raise bad("gpu_memory_preservation", "must be a number of GB from 0 to 128 (FramePack uses 6)")
+        if self.cache not in CACHE_MODES:
+            raise bad("cache", f"must be one of {', '.join(CACHE_MODES)}")
+        if not _is_real(self.magcache_thresh) or self.magcache_thresh < 0:
+            raise bad("magcache_thresh", "must be a number >= 0 (0.10 to 0.15 is the published range)")
+        if not _is_int(self.magcache_K) or self.magcache_K < 1:
+            raise bad("magcache_K", "must be an integer >= 1 (3 or 4 are the published values)")
+        if not _is_real(self.retention_ratio) or not 0 <= self.retention_ratio < 1:
+            raise bad("retention_ratio", "must be a number in [0, 1) (0.2 is the published value)")
+        if self.mag_ratios is not None:
+            if not isinstance(self.mag_ratios, (str, os.PathLike)) or not str(self.mag_ratios):
+                raise bad("mag_ratios", "must be the path of a saved MagCache profile (JSON), or None")
+            if not pathlib.Path(self.mag_ratios).is_file():
+                raise bad("mag_ratios", "no such profile file; give the path of a saved MagCache profile "
+                                        "(JSON), or None for the published ratios")
+        if not isinstance(self.calibrate, bool):
+            raise bad("calibrate", "must be True or False")
+        if self.calibrate and self.cache != "magcache":
+            raise bad("calibrate", f"calibration measures with MagCache: set cache='magcache' "
+                                   f"(it is {self.cache!r})")
+        if not _is_int(self.mp4_crf) or not 0 <= self.mp4_crf <= 51:
+            raise bad("mp4_crf", "must be an integer from 0 (lossless) to 51 (FramePack uses 16)")
+        if not _is_int(self.resolution) or not 64 <= self.resolution <= 2048:
+            raise bad("resolution", f"must be an integer from 64 to 2048 pixels (FramePack uses "
+                                    f"{FRAMEPACK_RESOLUTION})")
+
+    def magcache_config(self, variant: str | Variant) -> magcache_core.MagCacheConfig:
+        """The MagCache settings of this job for ``variant`` (its published ratios unless a profile is set).
+
+        A profile calibrated for the other variant is refused with a ValueError.
+        """
+        spec = get_variant(variant)
+        return magcache_core.MagCacheConfig(
+            magcache_thresh=self.magcache_thresh, magcache_K=self.magcache_K,
+            retention_ratio=self.retention_ratio, num_steps=self.steps,
+            mag_ratios=self.mag_ratios if self.mag_ratios is not None else spec.mag_ratios,
+            calibrate=self.calibrate, variant=spec.name)
+
+
+def section_count(total_second_length: float, latent_window_size: int) -> int:
+    """Sections FramePack generates: video seconds at 30 fps over 4 frames per latent, rounded, at least 1."""
+    return int(max(round(total_second_length * FPS / (latent_window_size * 4)), 1))
+
+
+def expected_frame_count(total_second_length: float, latent_window_size: int) -> int:
+    """Frames of the final video.
+
+    Every section adds ``latent_window_size`` latents and the input image adds
+    one; the causal VAE turns L latents into 4L - 3 frames, and the overlapping
+    pixel blend between sections neither adds nor drops frames.
+    """
+    latents = section_count(total_second_length, latent_window_size) * latent_window_size + 1
+    return 4 * latents - 3
+
+
+def bucket_options(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) buckets for ``resolution``: FramePack's 640 table, scaled and snapped to 16 px."""
+    base = framepack_modules().bucket_tools.bucket_options[FRAMEPACK_RESOLUTION]
+    if resolution == FRAMEPACK_RESOLUTION:
+        return list(base)
+    scale = resolution / FRAMEPACK_RESOLUTION
+
+    def snap(x: float) -> int:
+        return max(16, round(x * scale / 16) * 16)
+
+    return list(dict.fromkeys((snap(h), snap(w)) for h, w in base))
+
+
+def find_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """The bucket closest in aspect ratio to an image, as FramePack picks it (FramePack's own at 640)."""
+    if resolution == FRAMEPACK_RESOLUTION:
+        return tuple(framepack_modules().bucket_tools.find_nearest_bucket(height, width, resolution=resolution))
+    best, best_metric = None, float("inf")
+    for bucket_h, bucket_w in bucket_options(resolution):
+        metric = abs(height * bucket_w - width * bucket_h)
+        if metric <= best_metric:        # ties go to the later bucket, as in FramePack
+            best, best_metric = (bucket_h, bucket_w), metric
+    assert best is not None
+    return best
+
+
+def job_resolution(models: Models, settings: JobSettings) -> int:
+    """The bucket resolution a job really uses: tiny models are capped at TINY_RESOLUTION."""
+    return min(settings.resolution, TINY_RESOLUTION) if models.tiny else settings.resolution
+
+
+def prepare_input_image(image: Any) -> np.ndarray:
+    """Check the input image and return it as HxWx3 uint8.
+
+    RGBA is accepted and its alpha dropped (Gradio and PIL hand out RGBA for PNGs
+    with transparency; FramePack conditions on RGB only).  Anything else raises a
+    ValueError that says what is accepted.
+    """
+    accepted = "an RGB image as a numpy array of shape (height, width, 3) and dtype uint8 (RGBA is also accepted)"
+    if image is None:
+        raise ValueError(f"No input image: give {accepted}.")
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"Input image is a {type(image).__name__}; expected {accepted}.")
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"Input image has shape {tuple(image.shape)}; expected {accepted}.")
+    if image.dtype != np.uint8:
+        raise ValueError(f"Input image has dtype {image.dtype}; expected {accepted}.")
+    if image.shape[0] < 16 or image.shape[1] < 16:
+        raise ValueError(f"Input image is {image.shape[1]}x{image.shape[0]} pixels; it must be at least 16x16.")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SectionReport:
+    """One finished section.
+
+    ``index`` counts sections in generation order from 0 (for FramePack that is
+    from the END of the video backwards).  ``seconds`` is the section's whole
+    wall time (sampling, VAE decode, MP4); ``sampling_seconds`` the sampler only,
+    which is what a cache speeds up.  ``frames`` is the length of the partial
+    video written at ``video_path``.
+    """
+
+    index: int
+    total: int
+    computed_steps: list[int]
+    skipped_steps: list[int]
+    seconds: float
+    video_path: str
+    frames: int
+    sampling_seconds: float = 0.0
+
+    def summary(self) -> str:
+        steps = len(self.computed_steps) + len(self.skipped_steps)
+        skipped = f" {self.skipped_steps}" if self.skipped_steps else ""
+        return (f"Section {self.index + 1}/{self.total}: computed {len(self.computed_steps)}/{steps} steps, "
+                f"skipped {len(self.skipped_steps)}{skipped}; {self.seconds:.1f} s "
+                f"(sampling {self.sampling_seconds:.1f} s); {self.frames} frames")
+
+
+@dataclasses.dataclass
+class JobResult:
+    """How a job ended.
+
+    ``status``: "done", "stopped" (by should_stop; the partial videos stay) or
+    "error" (``message`` says why).  ``video_path`` is the longest video written.
+    """
+
+    status: str
+    message: str
+    video_path: str | None = None
+    sections: list[SectionReport] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    profile_path: str | None = None
+    calibration: magcache_core.MagCacheProfile | None = None
+    job_id: str | None = None
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines for the UI, the console and the CLI: one per section, then totals."""
+        lines = [f"{self.status}: {self.message}"]
+        lines += [s.summary() for s in self.sections]
+        if self.sections:
+            computed = sum(len(s.computed_steps) for s in self.sections)
+            skipped = sum(len(s.skipped_steps) for s in self.sections)
+            total = computed + skipped
+            share = 100.0 * skipped / total if total else 0.0
+            sampling = sum(s.sampling_seconds for s in self.sections)
+            lines.append(f"Total: computed {computed}/{total} steps, skipped {skipped} ({share:.0f}%); "
+                         f"{self.seconds:.1f} s (sampling {sampling:.1f} s)")
+        if self.video_path:
+            lines.append(f"Video: {self.video_path}")
+        if self.profile_path:
+            lines.append(f"Calibration profile: {self.profile_path}")
+        return lines
+
+
+@dataclasses.dataclass
+class ProgressUpdate:
+    """A progress event: a stage change (step 0) or one finished sampling step.
+
+    ``percent`` is the progress of the current section's sampling, as FramePack's
+    progress bar shows it; ``section`` is the 0-based section in generation
+    order.  ``preview`` is FramePack's cheap latent-to-RGB preview (HxWx3 uint8,
+    the section's frames side by side), only on sampling steps.
+    """
+
+    preview: np.ndarray | None
+    percent: int
+    desc: str
+    section: int
+    step: int
+    steps: int
+
+
+class JobStopped(Exception):
+    """Raised inside the sampler's step callback when should_stop() says so, to abort mid-section."""
+
+
+# ---------------------------------------------------------------------------
+# MP4
+# ---------------------------------------------------------------------------
+
+def _grid_columns(batch: int) -> int:
+    """Videos per row when a batch is tiled into one frame: the largest of 6..2 dividing it."""
+    return next((c for c in (6, 5, 4, 3, 2) if batch % c == 0), batch)
+
+
+def write_mp4(frames_bcthw: torch.Tensor, path: str | os.PathLike, fps: int = FPS, crf: int = 16) -> str:
+    """Write a (batch, channel, time, height, width) tensor in [-1, 1] as an H.264 MP4 with PyAV.
+
+    A batch is tiled into a grid.  yuv420p needs even sides, so an odd height or
+    width gets its last row/column repeated.  The file is written under a
+    temporary name and renamed, so a reader never sees a half-written video.
+    """
+    import av
+
+    if frames_bcthw.ndim != 5 or frames_bcthw.shape[1] != 3:
+        raise ValueError(f"frames must be (batch, 3, time, height, width), got {tuple(frames_bcthw.shape)}")
+    if not _is_int(crf) or not 0 <= crf <= 51:
+        raise ValueError(f"crf = {crf!r}: must be an integer from 0 to 51")
+    b, _, t, h, w = frames_bcthw.shape
+    cols = _grid_columns(b)
+    x = (frames_bcthw.detach().float().clamp(-1.0, 1.0) * 127.5 + 127.5).round().to(torch.uint8).cpu()
+    x = x.reshape(b // cols, cols, 3, t, h, w).permute(3, 0, 4, 1, 5, 2).reshape(t, (b // cols) * h, cols * w, 3)
+    pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
+    if pad_h or pad_w:
+        x = torch.nn.functional.pad(x.permute(0, 3, 1, 2).float(), (0, pad_w, 0, pad_h), mode="replicate")
+        x = x.to(torch.uint8).permute(0, 2, 3, 1)
+    video = x.contiguous().numpy()
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=int(fps), options={"crf": str(int(crf))})
+            stream.width, stream.height = video.shape[2], video.shape[1]
+            stream.pix_fmt = "yuv420p"
+            for frame in video:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(None))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Section histories: the only place FramePack and F1 differ in the loop
+# ---------------------------------------------------------------------------
+
+class _History:
+    """Latent and pixel history of a job, and the conditioning each section gets from it.
+
+    Subclasses fix the layout: where new latents go, which history latents feed
+    the 1x/2x/4x clean-latent inputs (with which RoPE frame indices), and which
+    end of the pixel video a new section is blended onto.
+    """
+
+    def __init__(self, start_latent: torch.Tensor, window: int, sections: int) -> None:
+        self.start_latent = start_latent.float().cpu()
+        self.window = window
+        self.sections = sections
+        self.pixels: torch.Tensor | None = None
+        self.total_latents = 0          # latents of the video so far (names the partial MP4s)
+
+    def plans(self) -> list[int]:
+        """One opaque plan value per section, in generation order."""
+        raise NotImplementedError
+
+    def conditioning(self, plan: int) -> dict[str, torch.Tensor]:
+        """The history keyword arguments of ``sample_hunyuan`` for a section."""
+        raise NotImplementedError
+
+    def add(self, generated: torch.Tensor, plan: int) -> None:
+        """Put a section's new latents into the history."""
+        raise NotImplementedError
+
+    def decode(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Decode what the last section changed and blend it into the pixel history."""
+        raise NotImplementedError
+
+    def _overlap(self) -> int:
+        # pixel frames shared by a newly decoded stretch and the video so far: one window's worth
+        return self.window * 4 - 3
+
+
+class _InvertedHistory(_History):
+    """FramePack: sections are generated from the end of the video back to the start.
+
+    Every section is anchored on the input image (frame index 0) and on the
+    latents generated so far, which lie AFTER it in time; a gap of
+    ``padding * window`` blank frame indices stands for the part not generated
+    yet.  The last section generated is the video's start and gets the input
+    image's latent prepended.
+    """
+
+    def __init__(self, start_latent: torch.Tensor, window: int, sections: int) -> None:
+        super().__init__(start_latent, window, sections)
+        _, c, _, h, w = start_latent.shape
+        self.latents = torch.zeros((1, c, 1 + 2 + 16, h, w), dtype=torch.float32)
+        self._last_plan: int | None = None
+
+    def plans(self) -> list[int]:
+        """Each section's padding (blank windows before it); 0 marks the video's first section.
+
+        Beyond 4 sections FramePack repeats padding 2 in the middle instead of
+        counting down, which it found to look better than larger gaps.
+        """
+        if self.sections > 4:
+            return [3] + [2] * (self.sections - 3) + [1, 0]
+        return list(reversed(range(self.sections)))
+
+    def conditioning(self, plan: int) -> dict[str, torch.Tensor]:
+        blank = plan * self.window
+        sizes = [1, blank, self.window, 1, 2, 16]
+        start_idx, _, latent_idx, after_idx, idx_2x, idx_4x = \
+            torch.arange(sum(sizes)).unsqueeze(0).split(sizes, dim=1)
+        after, clean_2x, clean_4x = self.latents[:, :, :19].split([1, 2, 16], dim=2)
+        return dict(
+            latent_indices=latent_idx,
+            clean_latents=torch.cat([self.start_latent, after], dim=2),
+            clean_latent_indices=torch.cat([start_idx, after_idx], dim=1),
+            clean_latents_2x=clean_2x, clean_latent_2x_indices=idx_2x,
+            clean_latents_4x=clean_4x, clean_latent_4x_indices=idx_4x,
+        )
+
+    def add(self, generated: torch.Tensor, plan: int) -> None:
+        generated = generated.float().cpu()
+        if plan == 0:
+            generated = torch.cat([self.start_latent, generated], dim=2)
+        self.total_latents += generated.shape[2]
+        self.latents = torch.cat([generated, self.latents], dim=2)
+        self._last_plan = plan
+
+    def decode(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        real = self.latents[:, :, :self.total_latents]
+        if self.pixels is None:
+            self.pixels = decode(real)
+        else:
+            # the new window plus the one after it, so the blend has real neighbours on both sides
+            fresh = self.window * 2 + (1 if self._last_plan == 0 else 0)
+            self.pixels = framepack_modules().utils.soft_append_bcthw(
+                decode(real[:, :, :fresh]), self.pixels, self._overlap())
+        return self.pixels
+
+
+class _ForwardHistory(_History):
+    """FramePack-F1: sections are generated in playback order.
+
+    The history starts with 19 zero latents and the input image's latent; each
+    section is conditioned on the input image, the latest latent (1x), the two
+    before it (2x) and the sixteen before those (4x), all BEFORE it in time.
+    """
+
+    def __init__(self, start_latent: torch.Tensor, window: int, sections: int) -> None:
+        super().__init__(start_latent, window, sections)
+        _, c, _, h, w = start_latent.shape
+        self.latents = torch.cat([torch.zeros((1, c, 16 + 2 + 1, h, w), dtype=torch.float32),
+                                  self.start_latent], dim=2)
+        self.total_latents = 1
+
+    def plans(self) -> list[int]:
+        return list(range(self.sections))
+
+    def conditioning(self, plan: int) -> dict[str, torch.Tensor]:
+        sizes = [1, 16, 2, 1, self.window]
+        start_idx, idx_4x, idx_2x, idx_1x, latent_idx = torch.arange(sum(sizes)).unsqueeze(0).split(sizes, dim=1)
+        clean_4x, clean_2x, clean_1x = self.latents[:, :, -19:].split([16, 2, 1], dim=2)
+        return dict(
+            latent_indices=latent_idx,
+            clean_latents=torch.cat([self.start_latent, clean_1x], dim=2),
+            clean_latent_indices=torch.cat([start_idx, idx_1x], dim=1),
+            clean_latents_2x=clean_2x, clean_latent_2x_indices=idx_2x,
+            clean_latents_4x=clean_4x, clean_latent_4x_indices=idx_4x,
+        )
+
+    def add(self, generated: torch.Tensor, plan: int) -> None:
+        generated = generated.float().cpu()
+        self.total_latents += generated.shape[2]
+        self.latents = torch.cat([self.latents, generated], dim=2)
+
+    def decode(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        real = self.latents[:, :, -self.total_latents:]
+        if self.pixels is None:
+            self.pixels = decode(real)
+        else:
+            fresh = self.window * 2
+            self.pixels = framepack_modules().utils.soft_append_bcthw(
+                self.pixels, decode(real[:, :, -fresh:]), self._overlap())
+        return self.pixels
+
+
+def _make_history(variant: Variant, start_latent: torch.Tensor, window: int, sections: int) -> _History:
+    cls = _ForwardHistory if variant.forward_sections else _InvertedHistory
+    return cls(start_latent, window, sections)
+
+
+# ---------------------------------------------------------------------------
+# Model placement (FramePack's low-VRAM regime)
+# ---------------------------------------------------------------------------
+
+class _Placement:
+    """Moves models between CPU and GPU around each stage, as FramePack does in low-VRAM mode.
+
+    In high-VRAM mode (tiny CPU models are built as high-VRAM) everything stays
+    where it is and every method is a no-op.
+    """
+
+    def __init__(self, models: Models) -> None:
+        self.models = models
+        self.memory = None if models.high_vram else framepack_modules().memory
+
+    def _all(self) -> tuple:
+        m = self.models
+        return (m.text_encoder, m.text_encoder_2, m.image_encoder, m.vae, m.transformer)
+
+    def reset(self) -> None:
+        if self.memory is not None:
+            self.memory.unload_complete_models(*self._all())
+
+    def text_encoders(self) -> None:
+        if self.memory is not None:
+            # the LLaMA encoder is DynamicSwap-streamed: only make it report the GPU as its device
+            self.memory.fake_diffusers_current_device(self.models.text_encoder, self.memory.gpu)
+            self.memory.load_model_as_complete(self.models.text_encoder_2, target_device=self.memory.gpu)
+
+    def vae(self) -> None:
+        if self.memory is not None:
+            self.memory.load_model_as_complete(self.models.vae, target_device=self.memory.gpu)
+
+    def image_encoder(self) -> None:
+        if self.memory is not None:
+            self.memory.load_model_as_complete(self.models.image_encoder, target_device=self.memory.gpu)
+
+    def transformer(self, preserved_gb: float) -> None:
+        if self.memory is not None:
+            self.memory.unload_complete_models()
+            self.memory.move_model_to_device_with_memory_preservation(
+                self.models.transformer, target_device=self.memory.gpu, preserved_memory_gb=preserved_gb)
+
+    def vae_after_sampling(self) -> None:
+        if self.memory is not None:
+            self.memory.offload_model_from_device_for_memory_preservation(
+                self.models.transformer, target_device=self.memory.gpu,
+                preserved_memory_gb=OFFLOAD_PRESERVED_MEMORY_GB)
+            self.memory.load_model_as_complete(self.models.vae, target_device=self.memory.gpu)
+
+    def release(self) -> None:
+        if self.memory is not None:
+            self.memory.unload_complete_models()
+
+
+class _StepObserver:
+    """Which sampling steps really ran the transformer's block stack.
+
+    Used for the caches MagCache does not report on (FramePack's TeaCache, or no
+    cache): a pre-hook on the first double-stream block marks a step computed.
+    """
+
+    def __init__(self, transformer: Any) -> None:
+        self.ran = False
+        self.computed: list[int] = []
+        self.skipped: list[int] = []
+        blocks = getattr(transformer, "transformer_blocks", None)
+        self._block = blocks[0] if blocks is not None and len(blocks) else None
+        self._handle = None
+
+    def __enter__(self) -> _StepObserver:
+        if self._block is not None:
+            self._handle = self._block.register_forward_pre_hook(self._mark)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def _mark(self, *args: Any) -> None:
+        self.ran = True
+
+    def step_done(self, step: int) -> None:
+        (self.computed if self.ran or self._block is None else self.skipped).append(step)
+        self.ran = False
+
+
+# ---------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------
+
+class _Refused(Exception):
+    """The job was refused before any work: bad settings, image or profile (the message says which)."""
+
+
+class _Job:
+    """One run_job call: its settings, callbacks and what has been produced so far."""
+
+    def __init__(self, models: Models, settings: JobSettings, outputs_dir: str | os.PathLike,
+                 profiles_dir: str | os.PathLike, on_progress: Callable[[ProgressUpdate], None] | None,
+                 on_section: Callable[[SectionReport], None] | None,
+                 should_stop: Callable[[], bool] | None) -> None:
+        self.models = models
+        self.settings = settings
+        self.outputs_dir = pathlib.Path(outputs_dir)
+        self.profiles_dir = pathlib.Path(profiles_dir)
+        self.on_progress = on_progress
+        self.on_section = on_section
+        self.should_stop = should_stop
+        self.placement = _Placement(models)
+        self.sections: list[SectionReport] = []
+        self.total_sections = 0
+        self.video_path: str | None = None
+        self.job_id: str | None = None
+        self.stage = "setup"
+        self.history: _History | None = None
+
+    # -- callbacks -------------------------------------------------------------
+
+    def progress(self, desc: str, percent: int = 0, section: int = 0, step: int = 0,
+                 preview: np.ndarray | None = None) -> None:
+        if step == 0:
+            self.stage = desc.rstrip(" .").lower()
+        if self.on_progress is not None:
+            self.on_progress(ProgressUpdate(preview=preview, percent=percent, desc=desc, section=section,
+                                            step=step, steps=self.settings.steps))
+
+    def check_stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise JobStopped("stopped by request")
+
+    # -- the job ---------------------------------------------------------------
+
+    def run(self, input_image: Any) -> JobResult:
+        started = time.perf_counter()
+        transformer = self.models.transformer
+        magcache_enabled = False
+        touched_models = False
+        locked = False
+        state: magcache_core.MagCacheState | None = None
+        profile: magcache_core.MagCacheProfile | None = None
+        profile_path: str | None = None
+        try:
+            try:
+                self.settings.validate()
+                image = prepare_input_image(input_image)
+                config = None
+                if self.settings.cache == "magcache":
+                    config = self.settings.magcache_config(self.models.variant)   # reads a profile, if any
+            except ValueError as exc:
+                raise _Refused(str(exc)) from exc
+            if not self.models.busy.acquire(blocking=False):
+                raise _Refused("Another job is running on these models; wait for it to finish or stop it.")
+            locked = True
+            if magcache_core.get_magcache_state(transformer) is not None:
+                raise _Refused("MagCache is already enabled on this transformer by someone else; "
+                               "disable it before running a job")
+            self.progress("Starting ...")
+            touched_models = True
+            self.placement.reset()
+            if config is not None:
+                # FramePack's own cache must not run underneath MagCache
+                transformer.initialize_teacache(enable_teacache=False)
+                state = magcache_core.enable_magcache(transformer, config)
+                magcache_enabled = True
+            with torch.no_grad():
+                self.generate(image)
+            if state is not None and state.config.calibrate:
+                profile, profile_path = self.save_profile(state)
+            last = self.sections[-1]
+            status = "done"
+            message = (f"Generated {last.frames} frames ({last.frames / FPS:.2f} s at {FPS} fps) in "
+                       f"{len(self.sections)} section(s).")
+        except JobStopped:
+            status = "stopped"
+            message = f"Stopped by request after {len(self.sections)} of {self.total_sections} section(s)"
+            message += f"; partial video kept: {self.video_path}." if self.video_path else "; no video yet."
+        except _Refused as exc:
+            status, message = "error", str(exc)
+            logger.warning("Job refused: %s", exc)
+        except torch.cuda.OutOfMemoryError:
+            status = "error"
+            message = (f"CUDA out of memory during {self.stage}. Raise the GPU memory to preserve "
+                       f"(now {self.settings.gpu_memory_preservation} GB), or shorten the video, or close other "
+                       "programs using the GPU.")
+            logger.error("%s", message)
+        except Exception as exc:  # a UI/CLI job must end with a status, never take the worker down
+            status = "error"
+            message = f"Unexpected error during {self.stage}: {type(exc).__name__}: {exc}"
+            logger.exception("Job failed")
+        finally:
+            try:
+                if magcache_enabled:
+                    magcache_core.disable_magcache(transformer)
+                if touched_models:   # a refused job leaves the models alone (another job may be using them)
+                    if self.settings.cache == "teacache":
+                        transformer.initialize_teacache(enable_teacache=False)   # leave the model as found
+                    self.placement.reset()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            finally:
+                if locked:
+                    self.models.busy.release()
+        result = JobResult(status=status, message=message, video_path=self.video_path, sections=self.sections,
+                           seconds=time.perf_counter() - started, profile_path=profile_path,
+                           calibration=profile, job_id=self.job_id)
+        self._log_total(result)
+        return result
+
+    def generate(self, image: np.ndarray) -> None:
+        fp = framepack_modules()
+        m, s = self.models, self.settings
+        dtype = m.dtype
+        self.total_sections = section_count(s.total_second_length, s.latent_window_size)
+        self.job_id = fp.utils.generate_timestamp()
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+
+        self.progress("Text encoding ...")
+        self.placement.text_encoders()
+        llama_vec, clip_pooler = fp.hunyuan.encode_prompt_conds(
+            s.prompt, m.text_encoder, m.text_encoder_2, m.tokenizer, m.tokenizer_2)
+        if s.cfg == 1:
+            # without real CFG the negative branch is never evaluated: zeros stand in for it
+            llama_vec_n, clip_pooler_n = torch.zeros_like(llama_vec), torch.zeros_like(clip_pooler)
+        else:
+            llama_vec_n, clip_pooler_n = fp.hunyuan.encode_prompt_conds(
+                s.n_prompt, m.text_encoder, m.text_encoder_2, m.tokenizer, m.tokenizer_2)
+        llama_vec, llama_mask = fp.utils.crop_or_pad_yield_mask(llama_vec, length=PROMPT_TOKENS)
+        llama_vec_n, llama_mask_n = fp.utils.crop_or_pad_yield_mask(llama_vec_n, length=PROMPT_TOKENS)
+
+        self.progress("Image processing ...")
+        height, width = find_bucket(image.shape[0], image.shape[1], job_resolution(m, s))
+        image_np = fp.utils.resize_and_center_crop(image, target_width=width, target_height=height)
+        from PIL import Image
+        Image.fromarray(image_np).save(self.outputs_dir / f"{self.job_id}.png")
+        image_pt = (torch.from_numpy(image_np).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
+
+        self.progress("VAE encoding ...")
+        self.placement.vae()
+        start_latent = fp.hunyuan.vae_encode(image_pt, m.vae)
+
+        self.progress("CLIP Vision encoding ...")
+        self.placement.image_encoder()
+        image_embeddings = fp.clip_vision.hf_clip_vision_encode(
+            image_np, m.feature_extractor, m.image_encoder).last_hidden_state
+
+        text = dict(prompt_embeds=llama_vec.to(dtype), prompt_embeds_mask=llama_mask,
+                    prompt_poolers=clip_pooler.to(dtype), negative_prompt_embeds=llama_vec_n.to(dtype),
+                    negative_prompt_embeds_mask=llama_mask_n, negative_prompt_poolers=clip_pooler_n.to(dtype),
+                    image_embeddings=image_embeddings.to(dtype))
+
+        self.progress("Start sampling ...")
+        generator = torch.Generator("cpu").manual_seed(s.seed)
+        self.history = _make_history(m.variant, start_latent, s.latent_window_size, self.total_sections)
+        logger.info("Job %s: %s, %d section(s) of %d latents at %dx%d, %d steps, cache=%s%s",
+                    self.job_id, m.variant.title, self.total_sections, s.latent_window_size, width, height,
+                    s.steps, s.cache, " (calibration)" if s.calibrate else "")
+        for index, plan in enumerate(self.history.plans()):
+            self.check_stop()
+            self.run_section(index, plan, width, height, generator, text)
+
+    def run_section(self, index: int, plan: int, width: int, height: int, generator: torch.Generator,
+                    text: dict[str, torch.Tensor]) -> None:
+        fp = framepack_modules()
+        m, s = self.models, self.settings
+        history = self.history
+        assert history is not None
+        transformer = m.transformer
+        started = time.perf_counter()
+
+        self.placement.transformer(s.gpu_memory_preservation)
+        if s.cache == "teacache":
+            transformer.initialize_teacache(enable_teacache=True, num_steps=s.steps)
+        elif s.cache == "off":
+            transformer.initialize_teacache(enable_teacache=False)
+
+        with magcache_core.magcache_run(transformer) as run, _StepObserver(transformer) as observer:
+            def on_step(d: dict[str, Any]) -> None:
+                observer.step_done(int(d["i"]))
+                preview = fp.hunyuan.vae_decode_fake(d["denoised"])
+                preview = (preview * 255.0).detach().cpu().numpy().clip(0, 255).astype(np.uint8)
+                b, c, t, h, w = preview.shape
+                # (b, c, t, h, w) -> one image: batch stacked vertically, frames side by side
+                preview = preview.transpose(0, 3, 2, 4, 1).reshape(b * h, t * w, c)
+                self.check_stop()
+                step = int(d["i"]) + 1
+                frames_so_far = max(0, history.total_latents * 4 - 3)
+                self.progress(
+                    f"Section {index + 1}/{self.total_sections}, step {step}/{s.steps}. Frames so far: "
+                    f"{frames_so_far} ({frames_so_far / FPS:.2f} s at {FPS} fps); extending the video ...",
+                    percent=int(100.0 * step / s.steps), section=index, step=step, preview=preview)
+
+            self.stage = f"sampling section {index + 1}"
+            sample_started = time.perf_counter()
+            generated = fp.sampler.sample_hunyuan(
+                transformer=transformer, sampler="unipc", width=width, height=height,
+                frames=s.latent_window_size * 4 - 3, real_guidance_scale=s.cfg, distilled_guidance_scale=s.gs,
+                guidance_rescale=s.rs, num_inference_steps=s.steps, generator=generator,
+                device=m.device, dtype=m.dtype, callback=on_step,
+                **text, **history.conditioning(plan))
+            sampling_seconds = time.perf_counter() - sample_started
+        if run is not None:
+            computed, skipped = list(run.computed), list(run.skipped)
+        else:
+            computed, skipped = observer.computed, observer.skipped
+
+        history.add(generated, plan)
+        self.stage = f"decoding section {index + 1}"
+        self.placement.vae_after_sampling()
+        pixels = history.decode(lambda latents: fp.hunyuan.vae_decode(latents, m.vae).cpu())
+        self.placement.release()
+        self.stage = f"writing section {index + 1}"
+        path = write_mp4(pixels, self.outputs_dir / f"{self.job_id}_{history.total_latents}.mp4",
+                         fps=FPS, crf=s.mp4_crf)
+        self.video_path = path
+        report = SectionReport(index=index, total=self.total_sections, computed_steps=computed,
+                               skipped_steps=skipped, seconds=time.perf_counter() - started, video_path=path,
+                               frames=int(pixels.shape[2]), sampling_seconds=sampling_seconds)
+        self.sections.append(report)
+        logger.info("%s -> %s", report.summary(), path)
+        if self.on_section is not None:
+            self.on_section(report)
+        self.progress(f"Section {index + 1}/{self.total_sections} done: {report.frames} frames "
+                      f"({report.frames / FPS:.2f} s).", percent=100, section=index, step=s.steps)
+
+    def save_profile(self, state: magcache_core.MagCacheState) -> tuple[magcache_core.MagCacheProfile, str]:
+        """Average this job's calibration runs into a profile and save it under profiles_dir."""
+        s = self.settings
+        resolution = job_resolution(self.models, s)
+        profile = state.calibration_profile(self.models.variant.name, resolution)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"magcache_{self.models.variant.name}_{s.steps}steps_{resolution}px_{stamp}_{self.job_id}.json"
+        path = profile.save(self.profiles_dir / name)
+        return profile, str(path)
+
+    def _log_total(self, result: JobResult) -> None:
+        computed = sum(len(r.computed_steps) for r in result.sections)
+        skipped = sum(len(r.skipped_steps) for r in result.sections)
+        logger.info("Job %s %s: %d/%d section(s), computed %d steps, skipped %d, %.2f s total. %s",
+                    result.job_id or "-", result.status, len(result.sections), self.total_sections,
+                    computed, skipped, result.seconds, result.message)
+
+
+def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
+            outputs_dir: str | os.PathLike = "outputs",
+            on_progress: Callable[[ProgressUpdate], None] | None = None,
+            on_section: Callable[[SectionReport], None] | None = None,
+            should_stop: Callable[[], bool] | None = None,
+            profiles_dir: str | os.PathLike = "magcache_profiles") -> JobResult:
+    """Generate one video, section by section, and say how it went.
+
+    After every section the video so far is written to
+    ``outputs_dir/<job id>_<latent frames>.mp4`` (as FramePack does) and
+    ``on_section`` gets its report.  ``should_stop`` is polled before each
+    section and after each sampling step; when it returns True the job stops
+    mid-section and returns status "stopped", keeping the partial videos.
+
+    Expected failures (no or malformed image, bad settings, an unreadable
+    profile, CUDA out of memory, a stop) never raise: they come back as
+    ``JobResult(status="error" | "stopped", message=...)``.  Unexpected errors
+    are logged with their traceback and reported the same way, so a UI worker
+    always gets a result.  MagCache is enabled on the transformer for the job
+    only and always disabled again.  One job at a time per Models.
+    """
+    job = _Job(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop)
+    return job.run(input_image)
