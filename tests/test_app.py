@@ -1,0 +1,469 @@
+"""The Gradio app (magcache_app.py and the two demo scripts), driven as users and API clients drive it.
+
+Tiny random-weight models keep every job a CPU job of seconds: the videos are
+noise, but their length, the per-section skip report and the calibration
+round trip are exactly what the real app does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import magcache_app
+import magcache_core
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FPS = 30
+
+# Small jobs: short latent windows make a section a couple of seconds on the CPU; a higher
+# threshold and K make sure a few of the 8 steps are skipped, so the report has something to check.
+# (1 s is the UI's shortest video; Gradio 6 refuses values outside a slider's range.)
+FAST = dict(latent_window_size=4, total_second_length=1.0, steps=8, magcache_thresh=0.3, magcache_K=4,
+            retention_ratio=0.2)            # 2 sections
+ONE_SECTION = dict(FAST, latent_window_size=6)      # round(30 / 24) = 1 section
+
+
+# ---------------------------------------------------------------------------
+# Independent restatements (not imported from the code under test)
+# ---------------------------------------------------------------------------
+
+def framepack_frame_count(total_second_length: float, latent_window_size: int) -> int:
+    """FramePack's video length: sections of ``window`` latents, 4 frames per latent, plus the first frame."""
+    sections = int(max(round(total_second_length * FPS / (latent_window_size * 4)), 1))
+    return sections * latent_window_size * 4 + 1
+
+
+def reference_skips(ratios: list[float], thresh: float, k: int, retention: float) -> list[bool]:
+    """MagCache's rule on a table already at the run's step count (no resampling)."""
+    n = len(ratios)
+    out, acc_ratio, acc_err, acc_steps = [], 1.0, 0.0, 0
+    for t, r in enumerate(ratios):
+        if t < max(int(retention * n), 1):
+            out.append(False)
+            continue
+        acc_ratio *= r
+        acc_err += abs(1 - acc_ratio)
+        acc_steps += 1
+        skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= 0.06
+        if not skip:
+            acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+        out.append(skip)
+    return out
+
+
+def decoded_frames(path: str) -> int:
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+# ---------------------------------------------------------------------------
+# Pure parts: skip plan text, presets, profiles
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["framepack", "f1"])
+@pytest.mark.parametrize("thresh,k,retention", [(0.10, 3, 0.2), (0.15, 4, 0.2), (0.0, 3, 0.2), (0.3, 5, 0.0),
+                                                (0.25, 2, 0.5)])
+def test_skip_plan_text_counts(variant: str, thresh: float, k: int, retention: float) -> None:
+    ratios = list(magcache_core.VARIANT_MAG_RATIOS[variant])
+    computed = reference_skips(ratios, thresh, k, retention).count(False)
+    text = magcache_app.skip_plan_text(ratios, 25, thresh, k, retention)
+    assert text.startswith(f"{computed} of 25 transformer passes, about {25 / computed:.2f}x faster")
+    # real CFG doubles the passes, not the ratio
+    text = magcache_app.skip_plan_text(ratios, 25, thresh, k, retention, cfg=3.0)
+    assert text.startswith(f"{2 * computed} of 50 transformer passes, about {25 / computed:.2f}x faster")
+
+
+def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path) -> None:
+    catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
+    for steps in (8, 25, 50):
+        schedule = magcache_core.skip_schedule(magcache_core.FRAMEPACK_MAG_RATIOS, steps, 0.15, 4, 0.2)
+        panel = magcache_app.plan_panel_html(catalog, "magcache", steps, 0.15, 4, 0.2, "published", False)
+        assert panel.count('class="mc-step mc-skip"') == sum(schedule)
+        assert panel.count('class="mc-step mc-run"') == steps - sum(schedule)
+        assert f"{steps - sum(schedule)} of {steps} transformer passes" in panel
+    assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
+    assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
+    assert "nothing skipped" in magcache_app.plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
+
+
+def test_presets_round_trip() -> None:
+    for name, values in magcache_core.PRESETS.items():
+        assert magcache_app.preset_values(name) == values
+        assert magcache_app.preset_for(*values) == name
+    assert magcache_app.preset_for(0.105, 3, 0.2) == magcache_app.CUSTOM_PRESET
+    assert magcache_app.preset_for(0.10, 4, 0.2) == magcache_app.CUSTOM_PRESET
+
+
+def write_profile(folder: pathlib.Path, name: str, variant: str, ratios: list[float]) -> pathlib.Path:
+    return magcache_core.MagCacheProfile(variant=variant, num_steps=len(ratios), ratios=ratios).save(folder / name)
+
+
+def test_profile_selection_refuses_bad_profiles(tmp_path: pathlib.Path) -> None:
+    write_profile(tmp_path, "other.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    good = write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
+    catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
+    values = [value for _, value in catalog.choices()]
+    assert values == ["published", "broken.json", "flat.json", "other.json"]
+
+    for bad, why in (("other.json", "calibrated for 'f1'"), ("broken.json", "not valid JSON"),
+                     ("../etc/passwd", "unknown calibration profile"), ("missing.json", "unknown")):
+        value, status, chart, warning = magcache_app.profile_selection(catalog, bad)
+        assert value == "published"
+        assert warning and why in warning
+        assert "Refused" in status and "<svg" in chart
+        # the plan panel says why instead of raising
+        assert "No plan" in magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, bad, False)
+
+    value, status, chart, warning = magcache_app.profile_selection(catalog, "flat.json")
+    assert (value, warning) == ("flat.json", None) and "flat.json" in status
+    # all ratios 1.0: every step after retention is skippable, K caps the run of skips
+    panel = magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "flat.json", False)
+    computed = reference_skips([1.0] * 25, 0.1, 3, 0.2).count(False)
+    assert computed == 10                               # steps 0-4, then 1 of every 4 (K = 3)
+    assert f"{computed} of 25 transformer passes" in panel
+    assert catalog.path_for("flat.json") == good.resolve()
+
+
+def test_mag_ratios_file_is_preselected(tmp_path: pathlib.Path) -> None:
+    """build_ui(mag_ratios=FILE) starts on that profile, plan and all; a refused file stops the build."""
+    elsewhere = tmp_path / "elsewhere"
+    chosen = write_profile(elsewhere, "mine.json", "framepack", [1.0] * 25)
+    demo = magcache_app.build_ui(None, "framepack", outputs_dir=tmp_path / "out", profiles_dir=tmp_path / "prof",
+                                 mag_ratios=chosen, tiny=True)
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    assert by_id["profile"].value == str(chosen.resolve())
+    assert str(chosen.resolve()) in [value for _, value in by_id["profile"].choices]
+    flat = reference_skips([1.0] * 25, 0.10, 3, 0.2).count(False)
+    assert f"{flat} of 25 transformer passes" in by_id["skip-plan"].value
+    assert "random" in by_id["tiny-banner"].value
+
+    other = write_profile(elsewhere, "f1.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
+    with pytest.raises(ValueError, match="calibrated for 'f1'"):
+        magcache_app.build_ui(None, "framepack", outputs_dir=tmp_path / "out", profiles_dir=tmp_path / "prof",
+                              mag_ratios=other)
+
+
+def test_sessions_share_nothing() -> None:
+    template = magcache_app.SessionJobs()
+    tab_a, tab_b = copy.deepcopy(template), copy.deepcopy(template)
+    assert tab_a is not tab_b and tab_a is not template
+    job_a = tab_a.begin()
+    assert job_a is not None
+    assert tab_b.request_stop() is False          # tab B has no job: nothing of A's is touched
+    assert not job_a.stop.is_set()
+    assert tab_a.request_stop() is True and job_a.stop.is_set()
+    tab_b.arm()                                     # Start clears B's early End
+    assert tab_b.begin() is not None
+
+
+def test_worker_always_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job thread posts a final result even when run_job raises, or when End comes while it waits."""
+    import threading
+
+    import magcache_pipeline
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(magcache_pipeline, "run_job", explode)
+    job, lock = magcache_app.Job(), threading.Lock()
+    magcache_app._run_job_thread(job, lock, None, None, None, "out", "prof")
+    kind, result = job.events.get_nowait()
+    assert kind == "done" and result.status == "error" and "boom" in result.message
+    assert not lock.locked()
+
+    job = magcache_app.Job()
+    lock.acquire()                                  # another session's job holds the GPU
+    worker = threading.Thread(target=magcache_app._run_job_thread, args=(job, lock, None, None, None, "o", "p"))
+    worker.start()
+    assert job.events.get(timeout=10) == ("waiting", None)
+    job.stop.set()
+    worker.join(timeout=10)
+    kind, result = job.events.get_nowait()
+    assert kind == "done" and result.status == "stopped"
+    lock.release()
+
+
+# ---------------------------------------------------------------------------
+# Entry points: import, argv, CUDA
+# ---------------------------------------------------------------------------
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120) \
+        -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *(["-c", code] if code else []), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_imports_have_no_side_effects() -> None:
+    """Importing the demo scripts or magcache_app loads no model, builds no UI, starts nothing.
+
+    magcache_app imports gradio only inside the functions that build or serve the
+    UI, so "gradio was not imported" proves no Blocks and no server could exist.
+    """
+    code = textwrap.dedent("""
+        import importlib, json, os, sys, threading
+        sys.argv = ["demo", "--not-an-option"]      # argparse would exit if anything parsed argv
+        hf_home = os.environ.get("HF_HOME")
+        report = {}
+        for name in ("magcache_demo_gradio", "magcache_demo_gradio_f1"):
+            report[name] = importlib.import_module(name).VARIANT
+        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", "magcache_app") if m in sys.modules)
+
+        import magcache_pipeline
+        calls = []
+        magcache_pipeline.load_models = lambda *a, **k: calls.append("load_models")
+        magcache_pipeline.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
+        threads = set(threading.enumerate())
+        import magcache_app
+        report["calls"] = calls
+        report["new_threads"] = [t.name for t in threading.enumerate() if t not in threads]
+        report["gradio_imported"] = "gradio" in sys.modules
+        report["hf_home_unchanged"] = os.environ.get("HF_HOME") == hf_home
+        report["cuda_initialised"] = sys.modules["torch"].cuda.is_initialized()
+        print(json.dumps(report))
+    """)
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["magcache_demo_gradio"] == "framepack"
+    assert report["magcache_demo_gradio_f1"] == "f1"
+    assert report["heavy_after_demos"] == []
+    assert report["calls"] == [] and report["new_threads"] == []
+    assert not report["gradio_imported"]
+    assert report["hf_home_unchanged"] and not report["cuda_initialised"]
+
+
+def test_demo_script_without_cuda_names_tiny() -> None:
+    proc = run_python("", str(ROOT / "magcache_demo_gradio.py"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    assert "--tiny" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+class FakeDemo:
+    def __init__(self) -> None:
+        self.launched: dict[str, Any] | None = None
+
+    def launch(self, **kwargs: Any) -> None:
+        self.launched = kwargs
+
+
+@pytest.fixture
+def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """main() with the model loading, UI building and server replaced by recorders."""
+    import torch
+
+    import magcache_pipeline
+
+    seen: dict[str, Any] = {"loads": []}
+    demo = FakeDemo()
+    seen["demo"] = demo
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(magcache_pipeline, "load_models",
+                        lambda variant, tiny=False: seen["loads"].append((variant, tiny)) or "models")
+
+    def fake_build_ui(models: Any, variant: str, **kwargs: Any) -> FakeDemo:
+        seen["build"] = (models, variant, kwargs)
+        return demo
+
+    monkeypatch.setattr(magcache_app, "build_ui", fake_build_ui)
+    # setenv first so that monkeypatch restores the original state (even "unset") after main() set it
+    monkeypatch.setenv("HF_HOME", "placeholder")
+    monkeypatch.delenv("HF_HOME")
+    yield seen
+
+
+def test_main_without_cuda_exits_naming_tiny(fake_main: dict[str, Any]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        magcache_app.main("f1", [])
+    assert "--tiny" in str(exc.value.code)
+    assert fake_main["loads"] == [] and fake_main["demo"].launched is None
+
+
+def test_main_binds_loopback_and_warns_when_exposed(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    outputs = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="magcache_app"):
+        magcache_app.main("framepack", ["--tiny", "--outputs", str(outputs), "--port", "7999"])
+    assert fake_main["loads"] == [("framepack", True)]
+    launched = fake_main["demo"].launched
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
+    assert not launched["share"]
+    assert os.environ["HF_HOME"] == str(ROOT / "hf_download")
+    assert not [r for r in caplog.records if "reachable" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="magcache_app"):
+        magcache_app.main("framepack", ["--tiny", "--server", "0.0.0.0", "--outputs", str(outputs)])
+    assert fake_main["demo"].launched["server_name"] == "0.0.0.0"
+    assert [r for r in caplog.records if "reachable" in r.getMessage()]
+
+
+def test_main_refuses_a_bad_mag_ratios_file(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    other = write_profile(tmp_path, "f1.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
+    with pytest.raises(SystemExit) as exc:
+        magcache_app.main("framepack", ["--tiny", "--mag-ratios", str(other)])
+    assert exc.value.code != 0
+    assert "calibrated for 'f1'" in capsys.readouterr().err
+    assert fake_main["loads"] == []
+
+
+# ---------------------------------------------------------------------------
+# The real app on a real server, through gradio_client
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, variant: str, root: pathlib.Path) -> None:
+        import magcache_pipeline
+
+        self.variant = variant
+        self.outputs = root / "outputs"
+        self.profiles = root / "profiles"
+        self.profiles.mkdir(parents=True)
+        models = magcache_pipeline.load_models(variant, tiny=True)
+        self.demo = magcache_app.build_ui(models, variant, outputs_dir=self.outputs, profiles_dir=self.profiles)
+        magcache_app.launch(self.demo, server_port=free_port(), outputs_dir=self.outputs,
+                            profiles_dir=self.profiles, prevent_thread_lock=True, quiet=True)
+        self.url = self.demo.local_url
+        self.image = root / "input.png"
+        rng = np.random.default_rng(0)
+        Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8)).save(self.image)
+
+    def client(self) -> Any:
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+    def generate(self, client: Any = None, **inputs: Any) -> dict[str, Any]:
+        from gradio_client import handle_file
+
+        client = client or self.client()
+        result = client.predict(input_image=handle_file(str(self.image)), api_name="/generate",
+                                **{"prompt": "a cat walks", **inputs})
+        out = dict(zip(magcache_app.GENERATE_OUTPUTS, result, strict=True))
+        out["video_file"] = magcache_app.video_path_from_output(out["video"])
+        return out
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    started: dict[str, Server] = {}
+
+    def get(variant: str) -> Server:
+        if variant not in started:
+            started[variant] = Server(variant, tmp_path_factory.mktemp(variant))
+        return started[variant]
+
+    yield get
+    for server in started.values():
+        server.demo.close()
+
+
+def test_generate_api_contract(servers: Any) -> None:
+    api = servers("framepack").client().view_api(return_format="dict", print_info=False)
+    params = api["named_endpoints"]["/generate"]["parameters"]
+    names = [p["parameter_name"] for p in params]
+    assert names[:2] == ["input_image", "prompt"]
+    assert {"steps", "magcache_thresh", "magcache_K", "retention_ratio", "cache", "mag_ratios", "calibrate",
+            "cfg", "mp4_crf", "seed", "total_second_length"} <= set(names)
+    assert all(p["parameter_has_default"] for p in params if p["parameter_name"] != "input_image")
+    assert len(api["named_endpoints"]["/generate"]["returns"]) == len(magcache_app.GENERATE_OUTPUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["framepack", "f1"])
+def test_tiny_job_end_to_end(servers: Any, variant: str) -> None:
+    server = servers(variant)
+    out = server.generate(**FAST)
+    report = out["report"]
+    assert report["status"] == "done", report["message"]
+    assert decoded_frames(out["video_file"]) == framepack_frame_count(FAST["total_second_length"],
+                                                                      FAST["latent_window_size"])
+    plan = magcache_core.skip_schedule(magcache_core.VARIANT_MAG_RATIOS[variant], FAST["steps"],
+                                       FAST["magcache_thresh"], FAST["magcache_K"], FAST["retention_ratio"])
+    expected_skipped = [t for t, skipped in enumerate(plan) if skipped]
+    assert expected_skipped, "the settings should skip some steps"
+    assert len(report["sections"]) == 2
+    for section in report["sections"]:
+        assert section["skipped_steps"] == expected_skipped
+        assert sorted(section["computed_steps"] + section["skipped_steps"]) == list(range(FAST["steps"]))
+        assert f"Section {section['index'] + 1}/2: computed {FAST['steps'] - len(expected_skipped)}/8" \
+            in out["summary"]
+    assert "Total:" in out["summary"]
+    assert out["preview"] is None and out["progress"] == ""
+    assert pathlib.Path(report["video"]).parent == server.outputs.resolve()
+
+
+@pytest.mark.slow
+def test_calibration_profile_is_saved_and_used(servers: Any) -> None:
+    server = servers("framepack")
+    settings = ONE_SECTION
+    calib = server.generate(calibrate=True, **settings)["report"]
+    assert calib["status"] == "done", calib["message"]
+    assert all(not s["skipped_steps"] for s in calib["sections"])
+    profile_path = pathlib.Path(calib["profile"])
+    assert profile_path.parent == server.profiles.resolve()
+    profile = magcache_core.MagCacheProfile.load(profile_path)
+    assert profile.variant == "framepack" and profile.num_steps == FAST["steps"]
+    catalog = magcache_app.ProfileCatalog("framepack", server.profiles)
+    assert profile_path.name in [value for _, value in catalog.choices()]
+
+    used = server.generate(mag_ratios=profile_path.name, **settings)["report"]
+    assert used["status"] == "done", used["message"]
+    assert used["mag_ratios"] == profile_path.name
+    plan = magcache_core.skip_schedule(profile.ratios, FAST["steps"], FAST["magcache_thresh"],
+                                       FAST["magcache_K"], FAST["retention_ratio"])
+    assert used["sections"][0]["skipped_steps"] == [t for t, s in enumerate(plan) if s]
+
+
+@pytest.mark.slow
+def test_bad_inputs_end_the_job_with_a_message(servers: Any) -> None:
+    from gradio_client import handle_file
+
+    server = servers("framepack")
+    write_profile(server.profiles, "for_f1.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
+    refused = server.generate(mag_ratios="for_f1.json", **ONE_SECTION)
+    assert refused["report"]["status"] == "error"
+    assert "calibrated for 'f1'" in refused["report"]["message"]
+    assert "calibrated for 'f1'" in refused["summary"] and refused["video_file"] is None
+
+    client = server.client()
+    no_image = dict(zip(magcache_app.GENERATE_OUTPUTS,
+                        client.predict(input_image=None, prompt="x", api_name="/generate"), strict=True))
+    assert no_image["report"]["status"] == "error" and "No input image" in no_image["report"]["message"]
+
+    tiny = server.image.with_name("too_small.png")
+    Image.fromarray(np.zeros((8, 300, 3), np.uint8)).save(tiny)
+    odd = dict(zip(magcache_app.GENERATE_OUTPUTS,
+                   client.predict(input_image=handle_file(str(tiny)), prompt="x", api_name="/generate"),
+                   strict=True))
+    assert odd["report"]["status"] == "error" and "16x16" in odd["report"]["message"]
+
+    # the app still works after all that
+    after = server.generate(client=client, **ONE_SECTION)
+    assert after["report"]["status"] == "done"
+    assert math.isfinite(after["report"]["seconds"])

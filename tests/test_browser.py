@@ -1,0 +1,176 @@
+"""The tiny app in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium).
+
+Install: ``pip install playwright`` and ``apt-get install chromium`` (never
+``playwright install``: it downloads its own browser).  Without either the test
+is skipped with the reason, except in CI (CI=true), where it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import magcache_app
+import magcache_core
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+README_SCREENSHOT = ROOT / "assets" / "magcache_ui.png"
+JOB_TIMEOUT_MS = 150_000
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the browser test must run in CI)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.path.exists(CHROMIUM):
+        unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("playwright is not installed: pip install playwright (use Debian's chromium, "
+                    "never `playwright install`)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    import magcache_pipeline
+
+    root = tmp_path_factory.mktemp("browser_app")
+    models = magcache_pipeline.load_models("framepack", tiny=True)
+    demo = magcache_app.build_ui(models, "framepack", outputs_dir=root / "outputs", profiles_dir=root / "profiles")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    magcache_app.launch(demo, server_port=port, outputs_dir=root / "outputs", profiles_dir=root / "profiles",
+                        prevent_thread_lock=True, quiet=True)
+    profiles = root / "profiles"
+    magcache_core.MagCacheProfile(variant="f1", num_steps=25, ratios=list(magcache_core.FRAMEPACK_F1_MAG_RATIOS)
+                                  ).save(profiles / "made_for_f1.json")
+    image = root / "input.png"
+    yy, xx = np.mgrid[0:240, 0:320]
+    Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)).save(image)
+    yield {"url": demo.local_url, "image": image, "outputs": root / "outputs", "profiles": profiles}
+    demo.close()
+
+
+def plan_text(page: Any) -> str:
+    return page.locator("#skip-plan .mc-plan-summary").inner_text().strip()
+
+
+def set_slider(page: Any, elem_id: str, value: float) -> None:
+    page.locator(f"#{elem_id} input[type=range]").fill(str(value))
+
+
+def wait_plan(page: Any, starts_with: str) -> None:
+    page.wait_for_function("t => document.querySelector('#skip-plan .mc-plan-summary').innerText.startsWith(t)",
+                           arg=starts_with)
+
+
+def choose_profile(page: Any, name: str) -> None:
+    page.locator("#profile input").click()
+    page.get_by_role("option", name=name).click()
+
+
+def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    context = browser.new_context(viewport={"width": 1400, "height": 1500})
+    page = context.new_page()
+    page.goto(app["url"])
+    page.locator("#skip-plan .mc-plan-summary").wait_for()
+    assert "random" in page.locator("#tiny-banner").inner_text()
+
+    ratios = magcache_core.FRAMEPACK_MAG_RATIOS
+    assert plan_text(page).startswith(magcache_app.skip_plan_text(ratios, 25, 0.10, 3, 0.2))
+
+    # a profile calibrated for F1 is refused, with the reason, and the published table stays in use
+    choose_profile(page, "made_for_f1.json")
+    page.locator("#profile-status").get_by_text("calibrated for 'f1'").wait_for()
+    assert "Published" in page.locator("#profile input").input_value()
+
+    page.locator("#input-image input[type=file]").set_input_files(str(app["image"]))
+    page.locator("#input-image img").first.wait_for()
+    page.get_by_text(magcache_app.QUICK_PROMPTS[1]).click()          # the quick list fills the prompt
+    page.wait_for_function("t => document.querySelector('#prompt textarea').value === t",
+                           arg=magcache_app.QUICK_PROMPTS[1])
+    page.locator("#prompt textarea").fill("A calm test pattern drifts slowly.")
+
+    # a preset sets the sliders; moving a slider re-plans at once and the preset becomes "Custom"
+    page.locator("#preset").get_by_text("E015K4R02").click()
+    wait_plan(page, magcache_app.skip_plan_text(ratios, 25, 0.15, 4, 0.2))
+    assert page.locator("#magcache-k input[type=number]").input_value() == "4"
+    set_slider(page, "magcache-thresh", 0.3)
+    wait_plan(page, magcache_app.skip_plan_text(ratios, 25, 0.3, 4, 0.2))
+    page.locator("#preset input[value='Custom']:checked").wait_for()
+    set_slider(page, "steps", 8)
+    wait_plan(page, magcache_app.skip_plan_text(ratios, 8, 0.3, 4, 0.2))
+    assert page.locator("#skip-plan .mc-step").count() == 8
+    set_slider(page, "total-length", 1)   # one section of FramePack's 9-latent window
+
+    page.locator("#start").click()
+    page.locator("#result-video video").wait_for(timeout=JOB_TIMEOUT_MS)
+    page.get_by_text(re.compile(r"^done: ")).wait_for(timeout=JOB_TIMEOUT_MS)
+    summary = page.locator("#job-summary").inner_text()
+    skipped = [t for t, s in enumerate(magcache_core.skip_schedule(ratios, 8, 0.3, 4, 0.2)) if s]
+    assert f"Section 1/1: computed {8 - len(skipped)}/8 steps, skipped {len(skipped)} {skipped}" in summary
+    assert list(app["outputs"].glob("*.mp4"))
+
+    shot = tmp_path / "magcache_ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if not README_SCREENSHOT.exists():
+        README_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, README_SCREENSHOT)
+
+    # A second tab is its own session: it gets none of the first tab's frames and cannot end its job.
+    other = context.new_page()
+    other.goto(app["url"])
+    other.locator("#skip-plan .mc-plan-summary").wait_for()
+    set_slider(page, "total-length", 5)   # four sections: long enough to press End mid-job
+    page.locator("#start").click()
+    page.locator("#end:not([disabled])").wait_for()
+    page.locator("#progress .mc-progress").wait_for(timeout=JOB_TIMEOUT_MS)
+    assert other.locator("#end").is_disabled()
+    assert other.locator("#result-video video").count() == 0
+    assert other.locator("#progress .mc-progress").count() == 0
+
+    # End stops the first tab's job mid-way with a message, and its Start works again.
+    page.locator("#end").click()
+    page.get_by_text(re.compile(r"^stopped: ")).wait_for(timeout=JOB_TIMEOUT_MS)
+    page.locator("#start:not([disabled])").wait_for()
+
+    # Calibration: nothing skipped, the ratios are charted and saved, and the profile can be selected.
+    set_slider(page, "total-length", 1)
+    page.locator("#calibrate input").check()
+    wait_plan(page, "Calibration run")
+    page.locator("#start").click()
+    page.locator("#ratios-chart").get_by_text("Calibrated ratios saved as").wait_for(timeout=JOB_TIMEOUT_MS)
+    assert "Section 1/1: computed 8/8 steps, skipped 0" in page.locator("#job-summary").inner_text()
+    saved = sorted(app["profiles"].glob("magcache_framepack_*.json"))
+    assert len(saved) == 1
+    profile = magcache_core.MagCacheProfile.load(saved[0])
+    page.locator("#calibrate input").uncheck()
+    choose_profile(page, saved[0].name)
+    page.locator("#profile-status").get_by_text("Using profile").wait_for()
+    wait_plan(page, magcache_app.skip_plan_text(profile.ratios, 8, 0.3, 4, 0.2))
+    context.close()
