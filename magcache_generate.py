@@ -1,0 +1,499 @@
+"""MagCache for FramePack: generate videos from the command line (no UI).
+
+One job::
+
+    python magcache_generate.py --image cat.png --prompt "The cat dances" --seconds 5 \
+        --preset E015K4R02 --output cat.mp4
+
+Many jobs, one JSON object per line; keys are the long flag names with
+underscores (``magcache_thresh``, ``magcache_K``, ``retention_ratio`` ...), and
+whatever a line leaves out comes from the command line::
+
+    python magcache_generate.py --jobs jobs.jsonl --tiny --steps 25
+    # jobs.jsonl
+    {"image": "a.png", "prompt": "a dog runs", "output": "a.mp4"}
+    {"image": "b.png", "prompt": "a bird flies", "preset": "E010K3R02", "seed": 7}
+
+A job that fails (bad values, unreadable image, generation error) is reported
+with its line number and the next one runs; the exit code is 1 if any job
+failed, 2 for bad command-line arguments, 0 otherwise.
+
+Everything that generates comes from ``magcache_pipeline`` (the same code the
+Gradio apps run), so a CLI video equals an app video for the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+VARIANT_NAMES = ("framepack", "f1")
+CACHE_MODES = ("magcache", "teacache", "off")
+PRESET_NAMES = ("E010K3R02", "E015K4R02")     # magcache_core.PRESETS; repeated so --help needs no torch
+
+# Defaults of a job when neither the command line nor the job line gives a value
+# (FramePack's UI defaults, as magcache_pipeline.JobSettings has them).
+DEFAULTS: dict[str, Any] = {
+    "image": None, "prompt": "", "n_prompt": "", "variant": "framepack", "seconds": 5.0, "steps": 25,
+    "seed": 31337, "cfg": 1.0, "gs": 10.0, "cache": "magcache", "preset": None,
+    "magcache_thresh": 0.10, "magcache_K": 3, "retention_ratio": 0.2, "mag_ratios": None,
+    "calibrate": False, "tiny": False, "output": None, "outputs_dir": "outputs",
+    "profiles_dir": "magcache_profiles", "crf": 16,
+}
+PRESET_KEYS = ("magcache_thresh", "magcache_K", "retention_ratio")
+FLAG = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
+
+
+class JobError(ValueError):
+    """A job's values are not acceptable; the message says which and what is accepted."""
+
+
+# ---------------------------------------------------------------------------
+# Values: parsing, layering, checking (pure)
+# ---------------------------------------------------------------------------
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise JobError(f"{FLAG[key]} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise JobError(f"{FLAG[key]} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise JobError(f"{FLAG[key]} must be a finite number, got {value!r}")
+    return out
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise JobError(f"{FLAG[key]} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise JobError(f"{FLAG[key]} must be an integer, got {value!r}")
+        return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise JobError(f"{FLAG[key]} must be an integer, got {value!r}") from None
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise JobError(f"{FLAG[key]} must be true or false, got {value!r}")
+
+
+def _to_str(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise JobError(f"{FLAG[key]} must be a string, got {value!r}")
+    return value
+
+
+CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
+    "seconds": _to_float, "cfg": _to_float, "gs": _to_float, "magcache_thresh": _to_float,
+    "retention_ratio": _to_float, "steps": _to_int, "seed": _to_int, "magcache_K": _to_int, "crf": _to_int,
+    "calibrate": _to_bool, "tiny": _to_bool,
+}
+
+
+def normalise_job_line(obj: Any) -> dict[str, Any]:
+    """Check one parsed JSON job line: an object whose keys are known flag names; values converted."""
+    if not isinstance(obj, dict):
+        raise JobError(f"a job line must be a JSON object like {{\"image\": \"a.png\", \"prompt\": \"...\"}}, "
+                       f"got {type(obj).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = "magcache_K" if key == "magcache_k" else key
+        if name not in DEFAULTS:
+            raise JobError(f"unknown key {key!r}; accepted keys: {', '.join(DEFAULTS)}")
+        out[name] = CONVERTERS.get(name, _to_str)(name, value)
+    return out
+
+
+def layer_values(layer: dict[str, Any]) -> dict[str, Any]:
+    """One layer (command line or job line) with its preset expanded; its own explicit values win."""
+    out = {k: v for k, v in layer.items() if v is not None}
+    preset = layer.get("preset")
+    if preset is not None:
+        if preset not in PRESET_NAMES:
+            raise JobError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESET_NAMES)}")
+        import magcache_core
+
+        for key, value in zip(PRESET_KEYS, magcache_core.PRESETS[preset]):
+            out.setdefault(key, value)
+    return out
+
+
+def merge_values(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, then each layer in order (later wins): command line, then a job line."""
+    values = dict(DEFAULTS)
+    for layer in layers:
+        values.update(layer_values(layer))
+    return values
+
+
+def check_values(values: dict[str, Any], cuda_available: bool) -> None:
+    """Refuse values a job cannot run with, saying what is accepted (JobError).
+
+    Cheap checks only (files exist, ranges): anything deeper is left to
+    ``JobSettings.validate`` so the rules live in one place.
+    """
+    image = values["image"]
+    if not image:
+        raise JobError("--image is required: the start image of the video (PNG, JPEG, ...)")
+    if not os.path.isfile(image):
+        raise JobError(f"--image: file not found: {image}")
+    if values["variant"] not in VARIANT_NAMES:
+        raise JobError(f"--variant {values['variant']!r}: choose one of {', '.join(VARIANT_NAMES)}")
+    if values["cache"] not in CACHE_MODES:
+        raise JobError(f"--cache {values['cache']!r}: choose one of {', '.join(CACHE_MODES)}")
+    if values["seconds"] <= 0:
+        raise JobError(f"--seconds must be > 0 (video length in seconds), got {values['seconds']:g}")
+    if values["steps"] < 1:
+        raise JobError(f"--steps must be an integer >= 1, got {values['steps']}")
+    if values["magcache_thresh"] < 0:
+        raise JobError(f"--magcache-thresh must be >= 0 (0.10 to 0.15 is the published range), "
+                       f"got {values['magcache_thresh']:g}")
+    if not 1 <= values["magcache_K"] <= values["steps"]:
+        raise JobError(f"--magcache-K must be an integer from 1 to {values['steps']} (--steps), "
+                       f"got {values['magcache_K']}")
+    if not 0 <= values["retention_ratio"] < 1:
+        raise JobError(f"--retention-ratio must be in [0, 1) (0.2 is the published value), "
+                       f"got {values['retention_ratio']:g}")
+    if values["calibrate"] and values["cache"] != "magcache":
+        raise JobError(f"--calibrate measures with MagCache: it needs --cache magcache (not {values['cache']})")
+    output = values["output"]
+    if output is not None and pathlib.Path(output).suffix.lower() != ".mp4":
+        raise JobError(f"--output must be an .mp4 path, got {output}")
+    if not values["tiny"] and not cuda_available:
+        raise JobError("the real FramePack models need a CUDA GPU and none is available; "
+                       "use --tiny for a CPU run with tiny random-weight models")
+    if values["mag_ratios"] is not None:
+        import magcache_core
+
+        if not os.path.isfile(values["mag_ratios"]):
+            raise JobError(f"--mag-ratios: profile file not found: {values['mag_ratios']}")
+        try:
+            profile = magcache_core.MagCacheProfile.load(values["mag_ratios"])
+        except ValueError as exc:
+            raise JobError(f"--mag-ratios: {exc}") from None
+        if profile.variant != values["variant"]:
+            raise JobError(f"--mag-ratios: the profile was calibrated for {profile.variant!r}, "
+                           f"not --variant {values['variant']}")
+
+
+def job_settings(values: dict[str, Any]) -> Any:
+    """The pipeline's JobSettings for these values, validated by the pipeline itself."""
+    import magcache_pipeline
+
+    settings = magcache_pipeline.JobSettings(
+        prompt=values["prompt"], n_prompt=values["n_prompt"], seed=values["seed"],
+        total_second_length=values["seconds"], steps=values["steps"], cfg=values["cfg"], gs=values["gs"],
+        cache=values["cache"], magcache_thresh=values["magcache_thresh"], magcache_K=values["magcache_K"],
+        retention_ratio=values["retention_ratio"], mag_ratios=values["mag_ratios"],
+        calibrate=values["calibrate"], mp4_crf=values["crf"])
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    return settings
+
+
+def output_for_line(output: str | None, line: int, from_job: bool) -> str | None:
+    """In --jobs mode a command-line --output is a template: ``x.mp4`` -> ``x-line3.mp4`` per job."""
+    if output is None or from_job:
+        return output
+    p = pathlib.Path(output)
+    return str(p.with_name(f"{p.stem}-line{line}{p.suffix}"))
+
+
+def load_image(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise JobError(f"--image: cannot read {path} as an image ({exc})") from None
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+class _HideSamplerBars(io.TextIOBase):
+    """stderr that drops the tqdm bar FramePack's sampler always draws (ours show the same steps)."""
+
+    def __init__(self, target: TextIO) -> None:
+        super().__init__()
+        self.target = target
+
+    def write(self, text: str) -> int:
+        if "%|" not in text and "it/s]" not in text and "s/it]" not in text:
+            self.target.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+class _Progress:
+    """tqdm bars for sections and for the steps of the current section."""
+
+    def __init__(self, sections: int, steps: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.enabled = enabled
+        self.steps = steps
+        self.section = 0
+        self.sections_bar = tqdm(total=sections, desc="sections", unit="section", position=0,
+                                 disable=not enabled, file=sys.stderr, leave=True)
+        self.steps_bar = tqdm(total=steps, desc="section 1 steps", unit="step", position=1,
+                              disable=not enabled, file=sys.stderr, leave=False)
+
+    def on_progress(self, update: Any) -> None:
+        if update.step <= 0:
+            self.sections_bar.set_postfix_str(update.desc.rstrip(" ."), refresh=True)
+            return
+        if update.section != self.section:
+            self.section = update.section
+            self.steps_bar.reset(total=self.steps)
+            self.steps_bar.set_description(f"section {update.section + 1} steps")
+        delta = update.step - self.steps_bar.n
+        if delta > 0:
+            self.steps_bar.update(delta)
+
+    def on_section(self, report: Any) -> None:
+        self.sections_bar.set_postfix_str(f"section {report.index + 1} written", refresh=False)
+        self.sections_bar.update(1)
+
+    def close(self) -> None:
+        self.steps_bar.close()
+        self.sections_bar.close()
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C asks the running job to stop (it keeps its partial video); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested: finishing at the next step (Ctrl-C again to abort)")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopOnInterrupt"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    line: int | None
+    status: str                 # done | stopped | error | invalid
+    message: str
+    video: str | None = None
+
+
+def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], progress: bool,
+            stop: Callable[[], bool]) -> tuple[Any, str | None]:
+    """Generate one video; returns (JobResult, final video path)."""
+    import magcache_pipeline
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    settings = job_settings(values)
+    image = load_image(values["image"])
+    key = (values["variant"], values["tiny"])
+    if key not in models_cache:
+        logger.info("loading %s models%s", values["variant"], " (tiny)" if values["tiny"] else "")
+        models_cache[key] = magcache_pipeline.load_models(values["variant"], tiny=values["tiny"])
+    bars = _Progress(magcache_pipeline.section_count(settings.total_second_length, settings.latent_window_size),
+                     settings.steps, enabled=progress)
+    try:
+        with logging_redirect_tqdm(), contextlib.redirect_stderr(_HideSamplerBars(sys.stderr)):
+            result = magcache_pipeline.run_job(models_cache[key], image, settings, outputs_dir=values["outputs_dir"],
+                                               on_progress=bars.on_progress, on_section=bars.on_section,
+                                               should_stop=stop, profiles_dir=values["profiles_dir"])
+    finally:
+        bars.close()
+    video = result.video_path
+    if video and values["output"]:
+        out = pathlib.Path(values["output"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(video, out)
+        video = str(out)
+    return result, video
+
+
+def print_result(result: Any, video: str | None, out: TextIO) -> None:
+    for line in result.summary_lines():
+        print(line, file=out)
+    if video and video != result.video_path:
+        print(f"Saved as: {video}", file=out)
+
+
+def iter_job_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; lines starting with # are comments."""
+    with open(path, encoding="utf-8") as fh:
+        for number, text in enumerate(fh, start=1):
+            text = text.strip()
+            if text and not text.startswith("#"):
+                yield number, text
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="magcache_generate.py", description=__doc__.split("\n\n")[0],
+                                epilog="Keys of a --jobs line: " + ", ".join(DEFAULTS),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Every default is None: a value counts only where it was given, so a preset and
+    # --jobs lines can fill in what the command line leaves open (see DEFAULTS).
+    p.add_argument("--image", help="start image (PNG, JPEG, ...)")
+    p.add_argument("--prompt", help="what happens in the video")
+    p.add_argument("--n-prompt", help="negative prompt (used only with --cfg > 1)")
+    p.add_argument("--variant", choices=VARIANT_NAMES, help="framepack (default) or f1")
+    p.add_argument("--seconds", type=float, help="video length in seconds (default 5)")
+    p.add_argument("--steps", type=int, help="sampling steps per section (default 25)")
+    p.add_argument("--seed", type=int, help="random seed (default 31337)")
+    p.add_argument("--cfg", type=float, help="real guidance scale (default 1: no negative branch)")
+    p.add_argument("--gs", type=float, help="distilled guidance scale (default 10)")
+    p.add_argument("--cache", choices=CACHE_MODES, help="magcache (default), teacache (FramePack's) or off")
+    p.add_argument("--preset", choices=PRESET_NAMES,
+                   help="MagCache preset: E010K3R02 = 0.10,3,0.2 (default values), E015K4R02 = 0.15,4,0.2; "
+                        "explicit --magcache-* flags override it")
+    p.add_argument("--magcache-thresh", type=float, help="accumulated-error threshold, >= 0 (default 0.10)")
+    p.add_argument("--magcache-K", type=int, help="most consecutive skipped steps, 1..steps (default 3)")
+    p.add_argument("--retention-ratio", type=float, help="share of first steps always computed, [0, 1) "
+                                                         "(default 0.2)")
+    p.add_argument("--mag-ratios", metavar="FILE", help="a calibration profile (JSON) instead of the published "
+                                                        "ratios")
+    p.add_argument("--calibrate", action="store_true", default=None,
+                   help="measure this model's ratios (skips nothing) and write a profile to --profiles-dir")
+    p.add_argument("--tiny", action="store_true", default=None,
+                   help="tiny random-weight models on the CPU (tests/demos: the video is noise)")
+    p.add_argument("--output", metavar="MP4", help="copy the final video here (with --jobs: a template, "
+                                                   "x.mp4 -> x-lineN.mp4, unless the line sets output)")
+    p.add_argument("--outputs-dir", help="where the pipeline writes videos (default outputs)")
+    p.add_argument("--profiles-dir", help="where --calibrate writes profiles (default magcache_profiles)")
+    p.add_argument("--crf", type=int, help="H.264 CRF of the MP4, 0 (lossless) to 51 (default 16)")
+    p.add_argument("--jobs", metavar="FILE", help="run one job per line of FILE (JSON objects)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def command_line_layer(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (argparse errors exit with 2 as usual)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cli = command_line_layer(args)
+    try:
+        base = merge_values(cli)
+    except JobError as exc:
+        parser.error(str(exc))
+    models_cache: dict[tuple[str, bool], Any] = {}
+    stop = _StopOnInterrupt()
+
+    if args.jobs is None:
+        try:
+            check_values(base, cuda)
+            job_settings(base)
+        except JobError as exc:
+            parser.error(str(exc))
+        with stop.installed():
+            try:
+                result, video = run_one(base, models_cache, not args.no_progress, stop)
+            except JobError as exc:
+                parser.error(str(exc))
+        print_result(result, video, sys.stdout)
+        return 0 if result.status == "done" else 1
+
+    if not os.path.isfile(args.jobs):
+        parser.error(f"--jobs: file not found: {args.jobs}")
+    outcomes: list[JobOutcome] = []
+    with stop.installed():
+        for number, text in iter_job_lines(args.jobs):
+            if stop.requested:
+                outcomes.append(JobOutcome(number, "stopped", "not started: stop requested"))
+                continue
+            try:
+                line = normalise_job_line(json.loads(text))
+                values = merge_values(cli, line)
+                values["output"] = output_for_line(values["output"], number, "output" in line)
+                check_values(values, cuda)
+                print(f"== job at line {number}: {values['image']} ==", flush=True)
+                result, video = run_one(values, models_cache, not args.no_progress, stop)
+            except json.JSONDecodeError as exc:
+                outcomes.append(JobOutcome(number, "invalid", f"not valid JSON: {exc}"))
+            except JobError as exc:
+                outcomes.append(JobOutcome(number, "invalid", str(exc)))
+            except (RuntimeError, OSError) as exc:   # e.g. loading models: this job fails, the next one runs
+                logger.exception("job at line %d failed", number)
+                outcomes.append(JobOutcome(number, "error", f"{type(exc).__name__}: {exc}"))
+            else:
+                print_result(result, video, sys.stdout)
+                outcomes.append(JobOutcome(number, result.status, result.message, video))
+            if outcomes[-1].status == "invalid":
+                logger.error("job at line %d refused: %s", number, outcomes[-1].message)
+    if not outcomes:
+        print(f"{args.jobs}: no jobs (one JSON object per line)", file=sys.stderr)
+        return 1
+    print(f"\n{len(outcomes)} job(s) from {args.jobs}:")
+    for o in outcomes:
+        where = f"line {o.line}"
+        print(f"  {where}: {o.status}" + (f" -> {o.video}" if o.video else "")
+              + ("" if o.status == "done" else f": {o.message}"))
+    failed = [o for o in outcomes if o.status != "done"]
+    if failed:
+        print(f"{len(failed)} of {len(outcomes)} job(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

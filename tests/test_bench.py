@@ -1,0 +1,284 @@
+"""Tests of magcache_bench: metrics against independent arithmetic, the CLI, speed at tiny size, sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import magcache_bench as bench
+
+C1 = (0.01 * 255) ** 2
+C2 = (0.03 * 255) ** 2
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run far faster (and steadier) on one torch thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_lossless(path: Path, frames: np.ndarray) -> Path:
+    """Write RGB frames so that PyAV decodes exactly the same pixels back (RGB H.264 at qp 0, or FFV1)."""
+    import av
+
+    for codec, fmt, suffix, pix, opts in (("libx264rgb", "mp4", ".mp4", "rgb24", {"qp": "0"}),
+                                          ("ffv1", "matroska", ".mkv", "bgr0", {})):
+        try:
+            av.codec.Codec(codec, "w")
+        except Exception:  # noqa: BLE001 - codec missing from this PyAV build: try the next one
+            continue
+        out = path.with_suffix(suffix)
+        with av.open(str(out), "w", format=fmt) as c:
+            s = c.add_stream(codec, rate=30, options=opts)
+            s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix
+            for f in frames:
+                c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+            c.mux(s.encode(None))
+        return out
+    pytest.skip("no lossless RGB encoder in this PyAV build")
+
+
+def decode(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def noisy_pair(seed: int = 0, frames: int = 4, h: int = 40, w: int = 56, amp: int = 12
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ref, other, noise): ref in [40, 215] so ref + noise in [-amp, amp] never clips."""
+    rng = np.random.default_rng(seed)
+    ref = rng.integers(40, 216, size=(frames, h, w, 3), dtype=np.int64)
+    noise = rng.integers(-amp, amp + 1, size=ref.shape, dtype=np.int64)
+    return ref.astype(np.uint8), (ref + noise).astype(np.uint8), noise
+
+
+def expected_psnr(noise: np.ndarray) -> float:
+    return 10 * math.log10(255.0 ** 2 / float(np.mean(noise.astype(np.float64) ** 2)))
+
+
+# ---------------------------------------------------------------------------
+# metrics on arrays
+# ---------------------------------------------------------------------------
+
+def test_psnr_identical_is_inf_and_noise_gives_the_independent_value() -> None:
+    ref, other, noise = noisy_pair()
+    assert bench.psnr(ref[0], ref[0]) == math.inf
+    for i in range(len(ref)):
+        assert bench.psnr(ref[i], other[i]) == pytest.approx(expected_psnr(noise[i]), abs=0.1)
+    # a uniform error of 1 grey level everywhere is 20*log10(255) dB
+    assert bench.psnr(ref[0], ref[0] + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)
+
+
+def test_ssim_identical_is_one_and_constant_images_follow_the_closed_form() -> None:
+    ref, other, _ = noisy_pair()
+    assert bench.ssim(ref[0], ref[0]) == pytest.approx(1.0, abs=1e-12)
+    assert bench.ssim(ref[0], other[0]) < 0.99
+    # flat images: variances and covariance are 0, SSIM is the luminance term alone
+    a = np.full((24, 30, 3), 100, np.uint8)
+    b = np.full((24, 30, 3), 140, np.uint8)
+    assert bench.ssim(a, b) == pytest.approx((2 * 100 * 140 + C1) / (100 ** 2 + 140 ** 2 + C1), rel=1e-9)
+
+
+def test_ssim_matches_a_brute_force_window_by_window_computation() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, size=(15, 17)).astype(np.float64)
+    b = np.clip(a + rng.normal(0, 20, size=a.shape), 0, 255)
+    # 2-D Gaussian written out directly, evaluated at every valid window position
+    ax = np.arange(11) - 5.0
+    win = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * 1.5 ** 2))
+    win /= win.sum()
+    vals = []
+    for i in range(a.shape[0] - 10):
+        for j in range(a.shape[1] - 10):
+            pa, pb = a[i:i + 11, j:j + 11], b[i:i + 11, j:j + 11]
+            ma, mb = (win * pa).sum(), (win * pb).sum()
+            va, vb = (win * (pa - ma) ** 2).sum(), (win * (pb - mb) ** 2).sum()
+            cov = (win * (pa - ma) * (pb - mb)).sum()
+            vals.append(((2 * ma * mb + C1) * (2 * cov + C2)) / ((ma ** 2 + mb ** 2 + C1) * (va + vb + C2)))
+    assert bench.ssim(a, b) == pytest.approx(float(np.mean(vals)), abs=1e-9)
+
+
+def test_json_safe_writes_inf_as_a_string_and_nan_as_null() -> None:
+    assert bench.json_safe({"a": [math.inf, 1.5, math.nan]}) == {"a": ["inf", 1.5, None]}
+
+
+# ---------------------------------------------------------------------------
+# compare CLI on lossless videos
+# ---------------------------------------------------------------------------
+
+def test_compare_cli_identical_and_noisy_videos(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ref, other, noise = noisy_pair(seed=1, frames=5)
+    ref_path = write_lossless(tmp_path / "ref", ref)
+    other_path = write_lossless(tmp_path / "other", other)
+    assert np.array_equal(decode(other_path), other)       # the encoding really is lossless
+
+    out = tmp_path / "same.json"
+    assert bench.main(["compare", str(ref_path), str(ref_path), "--json", str(out)]) == 0
+    same = json.loads(out.read_text())
+    assert same["frames"] == 5
+    assert same["psnr"]["mean"] == "inf" and same["psnr"]["min"] == "inf"
+    assert same["ssim"]["mean"] == pytest.approx(1.0, abs=1e-12)
+    assert "lpips" in same and (same["lpips"] is None or set(same["lpips"]) == {"mean", "max"})
+    assert "inf" in capsys.readouterr().out
+
+    out = tmp_path / "noisy.json"
+    assert bench.main(["compare", str(ref_path), str(other_path), "--json", str(out), "--no-lpips"]) == 0
+    noisy = json.loads(out.read_text())
+    per_frame = [expected_psnr(noise[i]) for i in range(5)]
+    assert noisy["frames"] == 5
+    assert noisy["psnr"]["mean"] == pytest.approx(float(np.mean(per_frame)), abs=0.1)
+    assert noisy["psnr"]["min"] == pytest.approx(min(per_frame), abs=0.1)
+    assert 0 < noisy["ssim"]["min"] <= noisy["ssim"]["mean"] < 1
+    assert noisy["lpips"] is None
+
+
+def test_compare_refuses_different_counts_and_sizes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ref, _, _ = noisy_pair(seed=2, frames=4)
+    a = write_lossless(tmp_path / "a", ref)
+    shorter = write_lossless(tmp_path / "b", ref[:3])
+    smaller = write_lossless(tmp_path / "c", ref[:, :32, :48])
+    capsys.readouterr()
+    assert bench.main(["compare", str(a), str(shorter)]) == 2
+    err = capsys.readouterr().err
+    assert "frame counts differ" in err and "4 frames" in err and "3" in err and "Traceback" not in err
+    assert bench.main(["compare", str(a), str(smaller)]) == 2
+    err = capsys.readouterr().err
+    assert "sizes differ" in err and "56x40" in err and "48x32" in err
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["compare", str(a), str(tmp_path / "missing.mp4")])
+    assert exc.value.code == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# speed
+# ---------------------------------------------------------------------------
+
+def test_speed_rows_arithmetic() -> None:
+    settings = [bench.SpeedSetting("off"), bench.SpeedSetting("x", (0.1, 3, 0.2))]
+    rows = bench.speed_rows(
+        timings={"off": [10.0, 12.0, 11.0], "x": [5.0, 6.0, 4.0]},
+        call_times={"off": ([0.4, 0.4], []), "x": ([0.5, 0.3, 0.4], [0.01, 0.02, 0.03])},
+        computed={"off": 25, "x": 10}, total_steps=25, settings=settings)
+    off, x = rows
+    assert (off["measured_speedup"], off["ideal_speedup"], off["skipped_step_cost"]) == (1.0, 1.0, None)
+    assert x["ideal_speedup"] == 2.5
+    assert x["measured_speedup"] == pytest.approx(11.0 / 5.0)
+    assert x["skipped_step_cost"] == pytest.approx(0.02 / 0.4)
+    assert x["efficiency"] == pytest.approx((11.0 / 5.0) / 2.5)
+
+
+def test_parse_setting_accepts_and_refuses() -> None:
+    assert bench.parse_setting("0.12, 3, 0.25") == (0.12, 3, 0.25)
+    for bad in ("0.1,3", "a,3,0.2", "0.1,2.5,0.2", "-0.1,3,0.2", "0.1,0,0.2", "0.1,3,1.0"):
+        with pytest.raises(ValueError):
+            bench.parse_setting(bad)
+
+
+def test_speed_tiny_matches_the_schedule(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None) -> None:
+    import magcache_core as core
+
+    out = tmp_path / "speed.json"
+    assert bench.main(["speed", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                       "--setting", "0.3,2,0.1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    names = [r["setting"] for r in rows]
+    assert names == ["off", "E010K3R02", "E015K4R02", "custom:0.3,2,0.1"]
+    params = {"E010K3R02": (0.10, 3, 0.2), "E015K4R02": (0.15, 4, 0.2), "custom:0.3,2,0.1": (0.3, 2, 0.1)}
+    tiny_out_tokens, tiny_inner, fp32 = 9 * (64 // 16) * (64 // 16), 2 * 16, 4
+    for r in rows:
+        assert r["setting"] in table
+        assert r["total_steps"] == 25
+        assert r["device"].startswith("cpu") and r["torch"]
+        if r["setting"] == "off":
+            assert r["computed_steps"] == 25 and r["residual_cache_bytes"] == 0
+            continue
+        plan = core.skip_schedule(core.FRAMEPACK_MAG_RATIOS, 25, *params[r["setting"]])
+        assert r["computed_steps"] == plan.count(False) < 25
+        assert r["ideal_speedup"] == pytest.approx(25 / plan.count(False))
+        assert r["measured_speedup"] > 0 and r["seconds"] > 0
+        assert r["skipped_step_cost"] is not None and r["skipped_step_cost"] > 0
+        # one residual of the output tokens (9 latent frames of 4x4 patches) x inner dim, float32
+        assert r["residual_cache_bytes"] == tiny_out_tokens * tiny_inner * fp32
+        assert r["residual_cache_bytes_after_run"] == 0
+
+
+def test_speed_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["speed", "--setting", "0.1,0,0.2"])
+    assert exc.value.code == 2
+    assert "K must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_full_size_without_cuda_is_refused(capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["speed", "--size", "full"])
+    assert exc.value.code == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_full_shape_is_framepacks_real_transformer() -> None:
+    shape = bench.bench_shape("full", 640, bucket=lambda h, w, r: (640, 608))
+    assert (shape.heads * shape.head_dim, shape.double_layers, shape.single_layers) == (3072, 20, 40)
+    assert (shape.text_embed_dim, shape.pooled_dim, shape.image_proj_dim) == (4096, 768, 1152)
+    assert shape.rope_axes == (16, 56, 56) and (shape.dtype, shape.device) == ("bfloat16", "cuda")
+    small = bench.bench_shape("small")
+    assert (small.heads, small.head_dim, small.double_layers, small.single_layers, small.refiner_layers) == \
+        (4, 32, 4, 8, 2)
+    assert (small.height, small.width, small.frames, small.text_pad) == (128, 128, 33, 512)
+    assert sum(small.rope_axes) == 32 and all(a % 2 == 0 for a in small.rope_axes)
+
+
+# ---------------------------------------------------------------------------
+# sweep
+# ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None) -> None:
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    x = np.zeros((64, 64, 3), np.uint8)
+    x[16:48, 8:40] = (200, 60, 30)
+    Image.fromarray(x).save(img)
+    out = tmp_path / "sweep"
+    rc = bench.main(["sweep", "--image", str(img), "--prompt", "a red box", "--tiny", "--seconds", "1",
+                     "--steps", "8", "--no-presets", "--setting", "0.5,3,0.1", "--out", str(out), "--no-lpips", "--no-warmup"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "meaningless" in printed
+    md = (out / "sweep.md").read_text()
+    assert "meaningless" in md and "| off |" in md and "| custom:0.5,3,0.1 |" in md
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["setting"] for r in rows] == ["off", "custom:0.5,3,0.1"]
+    cached = rows[1]
+    assert cached["status"] == "done" and cached["total_steps"] == 8
+    assert cached["computed_steps"] < 8                     # this setting does skip at 8 steps
+    assert cached["psnr_mean"] is not None and cached["ssim_mean"] is not None
+    assert cached["speedup"] == pytest.approx(rows[0]["seconds"] / cached["seconds"])
+    assert cached["sampling_speedup"] == pytest.approx(rows[0]["sampling_seconds"] / cached["sampling_seconds"])
+    assert 0 < cached["sampling_seconds"] < cached["seconds"]

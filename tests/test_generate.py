@@ -1,0 +1,158 @@
+"""Tests of magcache_generate: argument errors, value layering, and --jobs surviving a bad job."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import magcache_generate as gen
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine run far faster (and steadier) on one torch thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    x = np.zeros((72, 96, 3), np.uint8)
+    x[..., 0] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
+    x[20:50, 30:70, 2] = 220
+    path = tmp_path / "start.png"
+    Image.fromarray(x).save(path)
+    return path
+
+
+def frame_count(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--magcache-thresh", "-0.1"], "--magcache-thresh must be >= 0"),
+    (["--magcache-K", "0"], "--magcache-K must be an integer from 1 to 25"),
+    (["--magcache-K", "9", "--steps", "8"], "--magcache-K must be an integer from 1 to 8"),
+    (["--retention-ratio", "1.0"], "--retention-ratio must be in [0, 1)"),
+    (["--seconds", "0"], "--seconds must be > 0"),
+    (["--output", "x.avi"], "--output must be an .mp4 path"),
+    (["--calibrate", "--cache", "off"], "--calibrate measures with MagCache"),
+    (["--mag-ratios", "nope.json"], "--mag-ratios: profile file not found"),
+    (["--cfg", "0.5"], "cfg = 0.5"),
+])
+def test_bad_arguments_are_argparse_errors(image: Path, capsys: pytest.CaptureFixture,
+                                           extra: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--image", str(image), "--tiny", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "usage:" in err and "Traceback" not in err
+
+
+def test_missing_image_and_unknown_choice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--image", str(tmp_path / "none.png"), "--tiny"])
+    assert exc.value.code == 2
+    assert "--image: file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen.main(["--tiny"])
+    assert "--image is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen.main(["--image", "x.png", "--preset", "E020K5R01"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_real_models_without_cuda_point_to_tiny(image: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit):
+        gen.main(["--image", str(image)])
+    assert "--tiny" in capsys.readouterr().err
+
+
+def test_presets_and_layering() -> None:
+    # the two published presets: (thresh, K, retention)
+    v = gen.merge_values({"preset": "E015K4R02"})
+    assert (v["magcache_thresh"], v["magcache_K"], v["retention_ratio"]) == (0.15, 4, 0.2)
+    v = gen.merge_values({"preset": "E010K3R02"})
+    assert (v["magcache_thresh"], v["magcache_K"], v["retention_ratio"]) == (0.10, 3, 0.2)
+    # explicit flags beat the preset of the same layer
+    v = gen.merge_values({"preset": "E015K4R02", "magcache_K": 2})
+    assert (v["magcache_thresh"], v["magcache_K"]) == (0.15, 2)
+    # a job line beats the command line, and inherits what it leaves open
+    v = gen.merge_values({"preset": "E015K4R02", "steps": 12, "prompt": "cli"},
+                         {"preset": "E010K3R02", "prompt": "job"})
+    assert (v["magcache_thresh"], v["magcache_K"], v["steps"], v["prompt"]) == (0.10, 3, 12, "job")
+    v = gen.merge_values({"magcache_thresh": 0.2}, {"seed": 5})
+    assert (v["magcache_thresh"], v["seed"], v["magcache_K"]) == (0.2, 5, 3)
+
+
+def test_job_lines_are_checked() -> None:
+    assert gen.normalise_job_line({"magcache_K": "4", "seconds": 2, "tiny": True}) == \
+        {"magcache_K": 4, "seconds": 2.0, "tiny": True}
+    for bad in ({"colour": "red"}, {"steps": 2.5}, {"tiny": "maybe"}, {"magcache_thresh": "x"}, ["image"]):
+        with pytest.raises(gen.JobError):
+            gen.normalise_job_line(bad)
+    assert gen.output_for_line("out/v.mp4", 3, from_job=False) == str(Path("out/v-line3.mp4"))
+    assert gen.output_for_line("mine.mp4", 3, from_job=True) == "mine.mp4"
+
+
+@pytest.mark.slow
+def test_jobs_file_survives_bad_jobs(tmp_path: Path, image: Path, capsys: pytest.CaptureFixture,
+                                     one_thread: None) -> None:
+    out = tmp_path / "good.mp4"
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join([
+        json.dumps({"image": str(tmp_path / "missing.png"), "prompt": "nothing"}),
+        "# a comment line, then a blank one",
+        "",
+        "{not json",
+        json.dumps({"image": str(image), "prompt": "a blue box", "output": str(out), "preset": "E015K4R02"}),
+        json.dumps({"image": str(image), "magcache_K": 0}),
+    ]) + "\n")
+    rc = gen.main(["--jobs", str(jobs), "--tiny", "--seconds", "1", "--steps", "6", "--no-progress",
+                   "--outputs-dir", str(tmp_path / "outputs")])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert "line 1: invalid" in printed and "file not found" in printed
+    assert "line 4: invalid" in printed and "not valid JSON" in printed
+    assert "line 6: invalid" in printed and "--magcache-K must be an integer from 1 to 6" in printed
+    assert "line 5: done" in printed
+    # the app's per-section summary for the good job
+    assert "Section 1/1: computed" in printed and "Total: computed" in printed
+    # 1 s at 30 fps = 1 section of 9 latents; with the start latent 10 latents -> 4*10-3 frames
+    assert out.is_file() and frame_count(out) == 4 * (9 + 1) - 3
+
+
+@pytest.mark.slow
+def test_single_job_writes_output_and_calibration_profile(tmp_path: Path, image: Path,
+                                                          capsys: pytest.CaptureFixture, one_thread: None) -> None:
+    out = tmp_path / "video.mp4"
+    rc = gen.main(["--image", str(image), "--prompt", "calibrate me", "--tiny", "--seconds", "1", "--steps", "5",
+                   "--calibrate", "--output", str(out), "--no-progress", "--outputs-dir", str(tmp_path / "o"),
+                   "--profiles-dir", str(tmp_path / "profiles")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Calibration profile:" in printed and f"Saved as: {out}" in printed
+    profiles = list((tmp_path / "profiles").glob("*.json"))
+    assert len(profiles) == 1
+    data = json.loads(profiles[0].read_text())
+    assert data["variant"] == "framepack" and data["num_steps"] == 5 and len(data["ratios"]) == 5
+    assert frame_count(out) == 37
