@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,6 @@ C2 = (0.03 * 255) ** 2
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run far faster (and steadier) on one torch thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def write_lossless(path: Path, frames: np.ndarray) -> Path:
@@ -193,7 +180,7 @@ def test_parse_setting_accepts_and_refuses() -> None:
             bench.parse_setting(bad)
 
 
-def test_speed_tiny_matches_the_schedule(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None) -> None:
+def test_speed_tiny_matches_the_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import magcache_core as core
 
     out = tmp_path / "speed.json"
@@ -257,7 +244,7 @@ def test_full_shape_is_framepacks_real_transformer() -> None:
 # ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None) -> None:
+def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
 
     img = tmp_path / "in.png"

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import magcache_generate as gen
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine run far faster (and steadier) on one torch thread."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -115,8 +101,7 @@ def test_job_lines_are_checked() -> None:
 
 
 @pytest.mark.slow
-def test_jobs_file_survives_bad_jobs(tmp_path: Path, image: Path, capsys: pytest.CaptureFixture,
-                                     one_thread: None) -> None:
+def test_jobs_file_survives_bad_jobs(tmp_path: Path, image: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "good.mp4"
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join([
@@ -143,7 +128,7 @@ def test_jobs_file_survives_bad_jobs(tmp_path: Path, image: Path, capsys: pytest
 
 @pytest.mark.slow
 def test_single_job_writes_output_and_calibration_profile(tmp_path: Path, image: Path,
-                                                          capsys: pytest.CaptureFixture, one_thread: None) -> None:
+                                                          capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "video.mp4"
     rc = gen.main(["--image", str(image), "--prompt", "calibrate me", "--tiny", "--seconds", "1", "--steps", "5",
                    "--calibrate", "--output", str(out), "--no-progress", "--outputs-dir", str(tmp_path / "o"),

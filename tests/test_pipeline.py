@@ -105,13 +105,6 @@ class BlockCalls:
 # Fixtures
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and OpenMP spinning on a busy 2-core box costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
