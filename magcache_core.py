@@ -37,7 +37,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
 import torch
@@ -83,17 +83,22 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def _validated_ratios(mag_ratios: Sequence[float]) -> tuple[float, ...]:
     """Return the ratios as floats, or raise ValueError saying what is accepted."""
-    if isinstance(mag_ratios, (str, bytes)) or not isinstance(mag_ratios, Sequence):
+    if isinstance(mag_ratios, (str, bytes, os.PathLike, MagCacheProfile)) or not isinstance(mag_ratios, Iterable):
         raise ValueError(
             f"mag_ratios must be a sequence of positive finite numbers, got {type(mag_ratios).__name__}"
         )
+    mag_ratios = list(mag_ratios)
     if len(mag_ratios) == 0:
         raise ValueError("mag_ratios is empty: give one positive finite ratio per calibrated step")
     out = []
     for i, r in enumerate(mag_ratios):
-        if isinstance(r, bool) or not isinstance(r, numbers.Real):
-            raise ValueError(f"mag_ratios[{i}] = {r!r} is not a number; each ratio must be a positive finite number")
-        r = float(r)
+        try:
+            if isinstance(r, (bool, str, bytes)):
+                raise TypeError
+            r = float(r)   # numbers, numpy scalars, 0-d tensors
+        except (TypeError, ValueError):
+            raise ValueError(f"mag_ratios[{i}] = {r!r} is not a number; "
+                             "each ratio must be a positive finite number") from None
         if not math.isfinite(r) or r <= 0.0:
             raise ValueError(f"mag_ratios[{i}] = {r!r}: each ratio must be a positive finite number")
         out.append(r)
@@ -224,15 +229,36 @@ class MagCacheProfile:
     ratio_std: list[float] | None = None
     cosine_distance: list[float] | None = None
     runs: int = 1
+    model: str | None = None     # the checkpoint it was measured on; random-weight tiny models differ
 
     def __post_init__(self) -> None:
         if not isinstance(self.variant, str) or not self.variant:
             raise ValueError(f"profile variant = {self.variant!r}: must be a non-empty name such as "
                              f"{', '.join(VARIANT_MAG_RATIOS)}")
         self.ratios = list(_validated_ratios(self.ratios))
-        if self.num_steps != len(self.ratios):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) \
+                or self.num_steps != len(self.ratios):
             raise ValueError(f"profile num_steps = {self.num_steps!r} but it holds {len(self.ratios)} ratios; "
                              "they must agree")
+        for name in ("ratio_std", "cosine_distance"):
+            values = getattr(self, name)
+            if values is not None and (not isinstance(values, list) or len(values) != len(self.ratios)):
+                raise ValueError(f"profile {name} must be a list of {len(self.ratios)} numbers, one per step")
+        if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
+            raise ValueError(f"profile runs = {self.runs!r}: must be an integer >= 1")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)):
+            raise ValueError(f"profile resolution = {self.resolution!r}: must be an integer or null")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"profile model = {self.model!r}: must be a string or null")
+
+    def check(self, variant: str | None = None, model: str | None = None) -> None:
+        """Refuse a profile measured on another variant or another model (ValueError says which)."""
+        if variant is not None and self.variant != variant:
+            raise ValueError(f"this profile was calibrated for {self.variant!r}, not {variant!r}: "
+                             f"calibrate {variant!r} or use its published ratios")
+        if model is not None and self.model is not None and self.model != model:
+            raise ValueError(f"this profile was calibrated on {self.model!r}, not {model!r}: "
+                             "its ratios describe another model; calibrate this one or use the published ratios")
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, "version": 1, **dataclasses.asdict(self)}
@@ -273,8 +299,9 @@ class MagCacheConfig:
     """Settings of one MagCache run, validated on construction.
 
     ``mag_ratios`` takes a ratio table, a :class:`MagCacheProfile` or the path of
-    a saved profile.  When ``variant`` is given, a profile calibrated for another
-    variant is refused: FramePack and F1 have different magnitude curves.
+    a saved profile.  When ``variant`` (or ``model``) is given, a profile
+    calibrated for another variant (or model) is refused: FramePack and F1, and
+    random-weight test models, have different magnitude curves.
     """
 
     magcache_thresh: float = PRESETS[DEFAULT_PRESET][0]
@@ -285,6 +312,7 @@ class MagCacheConfig:
     calibrate: bool = False
     resample: str = "magnitude"
     variant: str | None = None
+    model: str | None = None             # when set, a profile measured on another model is refused
     profile: MagCacheProfile | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -292,15 +320,15 @@ class MagCacheConfig:
             self.num_steps, self.magcache_thresh, self.magcache_K, self.retention_ratio, self.resample)
         if not isinstance(self.calibrate, bool):
             raise ValueError(f"calibrate = {self.calibrate!r}: must be True or False")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model = {self.model!r}: must be a checkpoint name (str) or None")
         if self.variant is not None and self.variant not in VARIANT_MAG_RATIOS:
             raise ValueError(f"variant = {self.variant!r}: must be one of {', '.join(VARIANT_MAG_RATIOS)} or None")
         ratios = self.mag_ratios
         if isinstance(ratios, (str, os.PathLike)):
             ratios = MagCacheProfile.load(ratios)
         if isinstance(ratios, MagCacheProfile):
-            if self.variant is not None and ratios.variant != self.variant:
-                raise ValueError(f"this profile was calibrated for {ratios.variant!r}, not {self.variant!r}: "
-                                 f"calibrate {self.variant!r} or use its published ratios")
+            ratios.check(self.variant, self.model)
             self.profile = ratios
             ratios = ratios.ratios
         self.mag_ratios = _validated_ratios(ratios)
@@ -491,9 +519,11 @@ class MagCacheState:
     def store_residual(self, step: int, branch: int, residual: torch.Tensor) -> None:
         run = self._run
         assert run is not None
-        if self.config.calibrate and branch == 0:
-            self._calibrate(run, residual)
-        if self.config.calibrate or any(self.plan[step + 1:]):
+        if self.config.calibrate:
+            if branch == 0:
+                self._calibrate(run, residual)
+            return   # calibration never skips: nothing to keep for reuse
+        if any(self.plan[step + 1:]):
             run.residuals[branch] = residual
         else:
             run.residuals.pop(branch, None)   # nothing left to skip in this run: hold no memory
@@ -522,7 +552,8 @@ class MagCacheState:
         return [r for r in self.runs if r.calibrate and r.status == "complete" and r.ratios
                 and len(r.ratios) == r.num_steps]
 
-    def calibration_profile(self, variant: str, resolution: int | None = None) -> MagCacheProfile:
+    def calibration_profile(self, variant: str, resolution: int | None = None,
+                            model: str | None = None) -> MagCacheProfile:
         """Average the complete calibration runs (sections) of this state into a profile."""
         runs = self.calibration_runs()
         if not runs:
@@ -537,7 +568,7 @@ class MagCacheState:
             ratios=[round(r, 5) for r in mean([r.ratios for r in runs])],
             ratio_std=[round(r, 5) for r in mean([r.ratio_std for r in runs])],
             cosine_distance=[round(r, 5) for r in mean([r.cosine_distance for r in runs])],
-            runs=len(runs),
+            runs=len(runs), model=model,
         )
         logger.info("MagCache calibration over %d run(s): ratios %s", len(runs), profile.ratios)
         return profile

@@ -308,6 +308,15 @@ def test_calibration_equals_independent_norms(model, section):
     assert all(math.isfinite(r) and r > 0 for r in profile.ratios)
 
 
+def test_calibration_keeps_only_the_previous_residual(model, section):
+    state = mc.enable_magcache(model, mc.MagCacheConfig(calibrate=True))
+    sizes = []
+    run_section(model, section, cfg=3.0, callback=lambda d: sizes.append(state.residual_cache_bytes()))
+    out_tokens = 9 * (section.height // 16) * (section.width // 16)
+    # one float32 copy of the conditional branch's last residual; nothing kept for reuse
+    assert set(sizes) == {out_tokens * model.inner_dim * 4}
+
+
 def test_calibration_profile_needs_a_finished_run(model):
     state = mc.enable_magcache(model, mc.MagCacheConfig(calibrate=True))
     with pytest.raises(ValueError, match="no complete calibration run"):

@@ -236,3 +236,35 @@ def test_missing_profile_file(tmp_path):
 
 def test_calibrate_plan_skips_nothing():
     assert mc.MagCacheConfig(calibrate=True, magcache_thresh=1.0).schedule() == [False] * 25
+
+
+def test_numpy_and_tensor_tables_are_accepted():
+    import torch
+    table = np.array(mc.FRAMEPACK_MAG_RATIOS)
+    expected = mc.skip_schedule(mc.FRAMEPACK_MAG_RATIOS, 25, 0.15, 4, 0.2)
+    assert mc.skip_schedule(table, 25, 0.15, 4, 0.2) == expected
+    assert mc.skip_schedule(torch.tensor(table), 25, 0.15, 4, 0.2) == expected
+    assert mc.MagCacheConfig(mag_ratios=table).mag_ratios == mc.FRAMEPACK_MAG_RATIOS
+
+
+def test_profile_of_another_model_is_refused(tmp_path):
+    path = mc.MagCacheProfile(variant="framepack", num_steps=2, ratios=[1.0, 1.1], model="tiny-random").save(
+        tmp_path / "tiny.json")
+    with pytest.raises(ValueError, match="calibrated on 'tiny-random', not 'lllyasviel/FramePackI2V_HY'"):
+        mc.MagCacheConfig(mag_ratios=path, num_steps=2, model="lllyasviel/FramePackI2V_HY")
+    assert mc.MagCacheConfig(mag_ratios=path, num_steps=2, model="tiny-random").profile.model == "tiny-random"
+    assert mc.MagCacheConfig(mag_ratios=path, num_steps=2).mag_ratios == (1.0, 1.1)   # no model given: no check
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"num_steps": True, "ratios": [1.0]}, "num_steps = True"),
+    ({"ratio_std": [0.0]}, "ratio_std must be a list of 2 numbers"),
+    ({"cosine_distance": "x"}, "cosine_distance must be a list of 2 numbers"),
+    ({"runs": 0}, "runs = 0: must be an integer >= 1"),
+    ({"resolution": "640"}, "resolution = '640'"),
+    ({"model": 3}, "model = 3"),
+])
+def test_profile_fields_are_checked(fields, fragment):
+    with pytest.raises(ValueError) as err:
+        mc.MagCacheProfile(**{"variant": "f1", "num_steps": 2, "ratios": [1.0, 1.0], **fields})
+    assert fragment in str(err.value)
