@@ -208,12 +208,13 @@ class ProfileCatalog:
     """
 
     def __init__(self, variant: str, profiles_dir: str | os.PathLike[str],
-                 extra: str | os.PathLike[str] | None = None) -> None:
+                 extra: str | os.PathLike[str] | None = None, model: str | None = None) -> None:
         if variant not in magcache_core.VARIANT_MAG_RATIOS:
             raise ValueError(f"variant {variant!r}: must be one of {', '.join(magcache_core.VARIANT_MAG_RATIOS)}")
         self.variant = variant
         self.profiles_dir = pathlib.Path(profiles_dir).resolve()
         self.extra = pathlib.Path(extra).resolve() if extra else None
+        self.model = model   # refuse profiles measured on another model (tiny random vs real weights)
 
     def choice_for(self, path: str | os.PathLike[str]) -> str:
         """The dropdown value naming this profile file."""
@@ -258,9 +259,10 @@ class ProfileCatalog:
         if path is None:
             return list(magcache_core.VARIANT_MAG_RATIOS[self.variant]), None
         profile = magcache_core.MagCacheProfile.load(path)
-        if profile.variant != self.variant:
-            raise ValueError(f"{path.name} was calibrated for {profile.variant!r}, not {self.variant!r}: "
-                             f"calibrate {self.variant!r} or use its published ratios")
+        try:
+            profile.check(self.variant, self.model)
+        except ValueError as exc:
+            raise ValueError(f"{path.name}: {exc}") from None
         return list(profile.ratios), profile
 
 
@@ -546,7 +548,8 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     tiny = bool(getattr(models, "tiny", False)) if tiny is None else tiny
     outputs_dir = str(pathlib.Path(outputs_dir).resolve())
     profiles_dir = str(pathlib.Path(profiles_dir).resolve())
-    catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios)
+    catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
+                             model=magcache_pipeline.model_id(variant, tiny))
     initial_profile = PUBLISHED
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
@@ -863,17 +866,15 @@ def _is_loopback(host: str) -> bool:
 
 def launch(demo: gr.Blocks, *, server_name: str = "127.0.0.1", server_port: int | None = None,
            share: bool = False, inbrowser: bool = False, outputs_dir: str | os.PathLike[str] = "outputs",
-           profiles_dir: str | os.PathLike[str] = "magcache_profiles", prevent_thread_lock: bool = False,
-           quiet: bool = False) -> Any:
-    """Start the server (shared by main() and the tests)."""
+           prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
+    """Start the server (shared by main() and the tests); only ``outputs_dir`` is served as files."""
     if share or not _is_loopback(server_name):
         logger.warning("The app is reachable beyond this machine (%s): anyone who can open it can run jobs "
-                       "on this GPU and read the videos it makes.",
+                       "on this GPU and read every video (and input image) in the outputs folder.",
                        "public share link" if share else f"listening on {server_name}")
     os.makedirs(outputs_dir, exist_ok=True)
     return demo.launch(server_name=server_name, server_port=server_port, share=share, inbrowser=inbrowser,
-                       allowed_paths=[str(pathlib.Path(outputs_dir).resolve()),
-                                      str(pathlib.Path(profiles_dir).resolve())],
+                       allowed_paths=[str(pathlib.Path(outputs_dir).resolve())],
                        prevent_thread_lock=prevent_thread_lock, quiet=quiet, ssr_mode=False)
 
 
@@ -885,19 +886,20 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
     os.environ.setdefault("HF_HOME", str(APP_DIR / "hf_download"))
 
+    import magcache_pipeline
+    import torch
+
     if args.mag_ratios:
         try:
-            ProfileCatalog(variant, args.profiles, extra=args.mag_ratios).load(str(pathlib.Path(args.mag_ratios)))
+            catalog = ProfileCatalog(variant, args.profiles, extra=args.mag_ratios,
+                                     model=magcache_pipeline.model_id(variant, args.tiny))
+            catalog.load(catalog.choice_for(args.mag_ratios))
         except ValueError as exc:
             parser.error(f"--mag-ratios {args.mag_ratios}: {exc}")
-
-    import torch
 
     if not args.tiny and not torch.cuda.is_available():
         sys.exit(f"{parser.prog}: no CUDA GPU found. FramePack needs an NVIDIA GPU with CUDA. "
                  "To try the app without one, add --tiny (tiny random models on the CPU; the video is noise).")
-
-    import magcache_pipeline
 
     logger.info("Loading %s models%s ...", variant, " (tiny, random weights)" if args.tiny else "")
     try:
@@ -907,4 +909,4 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     demo = build_ui(models, variant, outputs_dir=args.outputs, profiles_dir=args.profiles,
                     mag_ratios=args.mag_ratios, tiny=args.tiny)
     launch(demo, server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
-           outputs_dir=args.outputs, profiles_dir=args.profiles)
+           outputs_dir=args.outputs)

@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 outcomes.append(JobOutcome(number, "invalid", f"not valid JSON: {exc}"))
             except JobError as exc:
                 outcomes.append(JobOutcome(number, "invalid", str(exc)))
-            except (RuntimeError, OSError) as exc:   # e.g. loading models: this job fails, the next one runs
+            except Exception as exc:   # whatever one job hits, the next one runs (Ctrl-C is no Exception: it stops)
                 logger.exception("job at line %d failed", number)
                 outcomes.append(JobOutcome(number, "error", f"{type(exc).__name__}: {exc}"))
             else:

@@ -54,6 +54,8 @@ PROMPT_TOKENS = 512
 #: GB FramePack keeps free on the GPU when it offloads the transformer before VAE decoding.
 OFFLOAD_PRESERVED_MEMORY_GB = 8.0
 CACHE_MODES = ("magcache", "teacache", "off")
+#: The model name tiny random-weight pipelines write into calibration profiles.
+TINY_MODEL_ID = "tiny-random"
 HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
 SIGLIP_REPO = "lllyasviel/flux_redux_bfl"
 
@@ -168,6 +170,15 @@ class Models:
     def dtype(self) -> torch.dtype:
         """The transformer's compute dtype: bf16 as FramePack, float32 for tiny CPU models."""
         return torch.float32 if self.tiny else torch.bfloat16
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.variant, self.tiny)
+
+
+def model_id(variant: str | Variant, tiny: bool) -> str:
+    """What calibration profiles record as the model they measured: tiny random weights measure noise."""
+    return TINY_MODEL_ID if tiny else get_variant(variant).transformer_repo
 
 
 def load_models(variant: str, tiny: bool = False) -> Models:
@@ -489,17 +500,18 @@ class JobSettings:
             raise bad("resolution", f"must be an integer from 64 to 2048 pixels (FramePack uses "
                                     f"{FRAMEPACK_RESOLUTION})")
 
-    def magcache_config(self, variant: str | Variant) -> magcache_core.MagCacheConfig:
+    def magcache_config(self, variant: str | Variant, model: str | None = None) -> magcache_core.MagCacheConfig:
         """The MagCache settings of this job for ``variant`` (its published ratios unless a profile is set).
 
-        A profile calibrated for the other variant is refused with a ValueError.
+        A profile calibrated for the other variant, or on another model than
+        ``model`` (see :attr:`Models.model_id`), is refused with a ValueError.
         """
         spec = get_variant(variant)
         return magcache_core.MagCacheConfig(
             magcache_thresh=self.magcache_thresh, magcache_K=self.magcache_K,
             retention_ratio=self.retention_ratio, num_steps=self.steps,
             mag_ratios=self.mag_ratios if self.mag_ratios is not None else spec.mag_ratios,
-            calibrate=self.calibrate, variant=spec.name)
+            calibrate=self.calibrate, variant=spec.name, model=model)
 
 
 def section_count(total_second_length: float, latent_window_size: int) -> int:
@@ -1008,7 +1020,8 @@ class _Job:
                 image = prepare_input_image(input_image)
                 config = None
                 if self.settings.cache == "magcache":
-                    config = self.settings.magcache_config(self.models.variant)   # reads a profile, if any
+                    # reads a profile, if any, and refuses one of another variant or model
+                    config = self.settings.magcache_config(self.models.variant, self.models.model_id)
             except ValueError as exc:
                 raise _Refused(str(exc)) from exc
             if not self.models.busy.acquire(blocking=False):
@@ -1189,7 +1202,7 @@ class _Job:
         """Average this job's calibration runs into a profile and save it under profiles_dir."""
         s = self.settings
         resolution = job_resolution(self.models, s)
-        profile = state.calibration_profile(self.models.variant.name, resolution)
+        profile = state.calibration_profile(self.models.variant.name, resolution, model=self.models.model_id)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = f"magcache_{self.models.variant.name}_{s.steps}steps_{resolution}px_{stamp}_{self.job_id}.json"
         path = profile.save(self.profiles_dir / name)

@@ -326,6 +326,28 @@ def test_main_refuses_a_bad_mag_ratios_file(fake_main: dict[str, Any], tmp_path:
     assert fake_main["loads"] == []
 
 
+def test_main_accepts_a_relative_mag_ratios_path(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "magcache_profiles").mkdir()
+    write_profile(tmp_path / "magcache_profiles", "mine.json", "framepack", list(magcache_core.FRAMEPACK_MAG_RATIOS))
+    monkeypatch.chdir(tmp_path)
+    magcache_app.main("framepack", ["--tiny", "--mag-ratios", "magcache_profiles/mine.json",
+                                    "--outputs", str(tmp_path / "out")])
+    assert fake_main["loads"] == [("framepack", True)]
+    assert fake_main["build"][2]["mag_ratios"] == "magcache_profiles/mine.json"
+
+
+def test_main_refuses_a_profile_of_another_model(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    real = magcache_core.MagCacheProfile(variant="framepack", num_steps=25, model="lllyasviel/FramePackI2V_HY",
+                                         ratios=list(magcache_core.FRAMEPACK_MAG_RATIOS)).save(tmp_path / "real.json")
+    with pytest.raises(SystemExit) as exc:
+        magcache_app.main("framepack", ["--tiny", "--mag-ratios", str(real)])
+    assert exc.value.code != 0
+    assert "calibrated on 'lllyasviel/FramePackI2V_HY', not 'tiny-random'" in capsys.readouterr().err
+    assert fake_main["loads"] == []
+
+
 # ---------------------------------------------------------------------------
 # The real app on a real server, through gradio_client
 # ---------------------------------------------------------------------------
@@ -347,7 +369,7 @@ class Server:
         models = magcache_pipeline.load_models(variant, tiny=True)
         self.demo = magcache_app.build_ui(models, variant, outputs_dir=self.outputs, profiles_dir=self.profiles)
         magcache_app.launch(self.demo, server_port=free_port(), outputs_dir=self.outputs,
-                            profiles_dir=self.profiles, prevent_thread_lock=True, quiet=True)
+                            prevent_thread_lock=True, quiet=True)
         self.url = self.demo.local_url
         self.image = root / "input.png"
         rng = np.random.default_rng(0)

@@ -63,8 +63,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    magcache_app.launch(demo, server_port=port, outputs_dir=root / "outputs", profiles_dir=root / "profiles",
-                        prevent_thread_lock=True, quiet=True)
+    magcache_app.launch(demo, server_port=port, outputs_dir=root / "outputs", prevent_thread_lock=True, quiet=True)
     profiles = root / "profiles"
     magcache_core.MagCacheProfile(variant="f1", num_steps=25, ratios=list(magcache_core.FRAMEPACK_F1_MAG_RATIOS)
                                   ).save(profiles / "made_for_f1.json")

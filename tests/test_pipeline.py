@@ -323,6 +323,7 @@ def test_calibration_profile_roundtrip(tiny: dict[str, mp.Models], tmp_path: pat
     assert path.parent == profiles and "framepack" in path.name and f"{steps}steps" in path.name
     profile = magcache_core.MagCacheProfile.load(path)
     assert (profile.variant, profile.num_steps, profile.resolution) == ("framepack", steps, RES)
+    assert profile.model == "tiny-random"                               # never mistaken for a real calibration
     assert profile.ratios == calib.calibration.ratios and len(profile.ratios) == steps
     assert any(abs(r - 1.0) > 1e-4 for r in profile.ratios[1:])        # measured, not a placeholder
 
@@ -341,6 +342,12 @@ def test_calibration_profile_roundtrip(tiny: dict[str, mp.Models], tmp_path: pat
     wrong = mp.run_job(tiny["f1"], test_image(), mp.JobSettings(prompt="x", mag_ratios=str(path), resolution=RES),
                        outputs_dir=tmp_path / "f1")
     assert wrong.status == "error" and "calibrated for 'framepack'" in wrong.message and not wrong.sections
+
+    # a profile measured on the real model is refused by tiny models (and the other way round)
+    real = dataclasses.replace(profile, model="lllyasviel/FramePackI2V_HY").save(tmp_path / "real.json")
+    refused = mp.run_job(models, test_image(), mp.JobSettings(prompt="x", mag_ratios=str(real), resolution=RES),
+                         outputs_dir=tmp_path / "real")
+    assert refused.status == "error" and "calibrated on 'lllyasviel/FramePackI2V_HY'" in refused.message
 
 
 # ---------------------------------------------------------------------------
