@@ -411,18 +411,13 @@ class MagCacheState:
         return self.runs[-1] if self.runs else None
 
     def residual_cache_bytes(self) -> int:
-        """Bytes held by cached residuals (all CFG branches) right now."""
+        """Bytes held right now: cached residuals (all CFG branches) and, calibrating, the previous one."""
         if self._run is None:
             return 0
         held = list(self._run.residuals.values())
         if self._run.calib_prev is not None:
             held.append(self._run.calib_prev)
-        seen, total = set(), 0
-        for t in held:
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
