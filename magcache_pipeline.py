@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import magcache_core
+import magcache_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +414,53 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """The accepted range of one numeric job setting.
+
+    Defined once here and read by the UI (slider bounds), the API (clamping)
+    and the CLI (refusal with this text), so the three can never disagree.
+    """
+
+    low: float
+    high: float
+    integer: bool = False
+    step: float | None = None    # the UI slider's step
+    hint: str = ""               # what FramePack or the paper uses, for error messages
+
+    def accepts(self, value: Any) -> bool:
+        ok = _is_int(value) if self.integer else _is_real(value)
+        return ok and self.low <= value <= self.high
+
+    def clamp(self, value: float) -> int | float:
+        """The nearest accepted value (integers rounded first)."""
+        value = round(value) if self.integer else float(value)
+        return min(max(value, self.low), self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low, high = (int(self.low), int(self.high)) if self.integer else (self.low, self.high)
+        return f"must be {kind} from {low:g} to {high:g}" + (f" ({self.hint})" if self.hint else "")
+
+
+#: Every numeric job setting's range: the one definition the apps, the API and the CLI use.
+LIMITS: Mapping[str, Limit] = types.MappingProxyType({
+    "seed": Limit(0, 2 ** 63 - 1, integer=True),
+    "total_second_length": Limit(1, 120, step=0.1, hint="seconds of video"),
+    "latent_window_size": Limit(1, 33, integer=True, step=1, hint="FramePack uses 9"),
+    "steps": Limit(1, 100, integer=True, step=1, hint="FramePack uses 25"),
+    "cfg": Limit(1.0, 32.0, step=0.01, hint="FramePack keeps 1"),
+    "gs": Limit(1.0, 32.0, step=0.01, hint="FramePack uses 10"),
+    "rs": Limit(0.0, 1.0, step=0.01, hint="FramePack uses 0"),
+    "gpu_memory_preservation": Limit(6, 128, step=0.1, hint="GB; FramePack uses 6"),
+    "magcache_thresh": Limit(0.0, 1.0, step=0.01, hint="0.10 to 0.15 is the published range"),
+    "magcache_K": Limit(1, 10, integer=True, step=1, hint="3 or 4 are the published values"),
+    "retention_ratio": Limit(0.0, 0.99, step=0.01, hint="0.2 is the published value"),
+    "mp4_crf": Limit(0, 51, integer=True, step=1, hint="0 is lossless; FramePack uses 16"),
+    "resolution": Limit(64, 2048, integer=True, step=16, hint=f"pixels; FramePack uses {FRAMEPACK_RESOLUTION}"),
+})
+
+
 @dataclasses.dataclass
 class JobSettings:
     """One generation job, with FramePack's UI defaults.
@@ -422,6 +470,7 @@ class JobSettings:
     for the variant's published ratios.  ``calibrate`` runs MagCache in
     measuring mode (it never skips) and saves a profile at the end.
     ``resolution`` is the bucket target; tiny models cap it at TINY_RESOLUTION.
+    Numeric fields must lie within :data:`LIMITS`.
     """
 
     prompt: str
@@ -443,46 +492,37 @@ class JobSettings:
     mp4_crf: int = 16
     resolution: int = FRAMEPACK_RESOLUTION
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field, its value and what is accepted.
+    def clamped(self) -> "JobSettings":
+        """A copy with every numeric field moved into :data:`LIMITS` (what a UI runs when a box is overtyped).
 
-        Ranges are those of FramePack's UI where it has one (CRF: libx264's 0-51).
+        Values that are not numbers at all are left for :meth:`validate` to refuse.
+        """
+        changes = {name: limit.clamp(getattr(self, name)) for name, limit in LIMITS.items()
+                   if _is_real(getattr(self, name))}
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, its value and what is accepted (see :data:`LIMITS`).
+
         Whole floats in integer fields (25.0 from a UI slider) are converted to int.
         """
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name} = {getattr(self, name)!r}: {accepted}")
 
         # UI sliders and JSON hand out 25.0 for 25: take whole floats as the integers they are
-        for name in ("seed", "latent_window_size", "steps", "magcache_K", "mp4_crf", "resolution"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
+            if limit.integer and isinstance(value, float) and value.is_integer():
                 setattr(self, name, int(value))
 
         for name in ("prompt", "n_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "must be a string")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
-            raise bad("seed", "must be an integer in [0, 2**63)")
-        if not _is_real(self.total_second_length) or not 0 < self.total_second_length <= 120:
-            raise bad("total_second_length", "must be a number of seconds in (0, 120]")
-        if not _is_int(self.latent_window_size) or not 1 <= self.latent_window_size <= 33:
-            raise bad("latent_window_size", "must be an integer from 1 to 33 (FramePack uses 9)")
-        if not _is_int(self.steps) or not 1 <= self.steps <= 100:
-            raise bad("steps", "must be an integer from 1 to 100 (FramePack uses 25)")
-        for name, low, high in (("cfg", 1.0, 32.0), ("gs", 1.0, 32.0), ("rs", 0.0, 1.0)):
-            value = getattr(self, name)
-            if not _is_real(value) or not low <= value <= high:
-                raise bad(name, f"must be a number from {low} to {high}")
-        if not _is_real(self.gpu_memory_preservation) or not 0 <= self.gpu_memory_preservation <= 128:
-            raise bad("gpu_memory_preservation", "must be a number of GB from 0 to 128 (FramePack uses 6)")
+        for name, limit in LIMITS.items():
+            if not limit.accepts(getattr(self, name)):
+                raise bad(name, limit.describe())
         if self.cache not in CACHE_MODES:
             raise bad("cache", f"must be one of {', '.join(CACHE_MODES)}")
-        if not _is_real(self.magcache_thresh) or self.magcache_thresh < 0:
-            raise bad("magcache_thresh", "must be a number >= 0 (0.10 to 0.15 is the published range)")
-        if not _is_int(self.magcache_K) or self.magcache_K < 1:
-            raise bad("magcache_K", "must be an integer >= 1 (3 or 4 are the published values)")
-        if not _is_real(self.retention_ratio) or not 0 <= self.retention_ratio < 1:
-            raise bad("retention_ratio", "must be a number in [0, 1) (0.2 is the published value)")
         if self.mag_ratios is not None:
             if not isinstance(self.mag_ratios, (str, os.PathLike)) or not str(self.mag_ratios):
                 raise bad("mag_ratios", "must be the path of a saved MagCache profile (JSON), or None")
@@ -494,11 +534,6 @@ class JobSettings:
         if self.calibrate and self.cache != "magcache":
             raise bad("calibrate", f"calibration measures with MagCache: set cache='magcache' "
                                    f"(it is {self.cache!r})")
-        if not _is_int(self.mp4_crf) or not 0 <= self.mp4_crf <= 51:
-            raise bad("mp4_crf", "must be an integer from 0 (lossless) to 51 (FramePack uses 16)")
-        if not _is_int(self.resolution) or not 64 <= self.resolution <= 2048:
-            raise bad("resolution", f"must be an integer from 64 to 2048 pixels (FramePack uses "
-                                    f"{FRAMEPACK_RESOLUTION})")
 
     def magcache_config(self, variant: str | Variant, model: str | None = None) -> magcache_core.MagCacheConfig:
         """The MagCache settings of this job for ``variant`` (its published ratios unless a profile is set).
@@ -512,6 +547,28 @@ class JobSettings:
             retention_ratio=self.retention_ratio, num_steps=self.steps,
             mag_ratios=self.mag_ratios if self.mag_ratios is not None else spec.mag_ratios,
             calibrate=self.calibrate, variant=spec.name, model=model)
+
+
+def ratio_source(config: magcache_core.MagCacheConfig) -> str:
+    """A sentence saying which ratio table a MagCache config plans from."""
+    if config.profile is not None:
+        p = config.profile
+        where = f" at {p.resolution} px" if p.resolution else ""
+        return f"calibration profile of {p.variant}{where}, {p.num_steps} steps, {p.runs} run(s), model {p.model}"
+    return f"published {config.variant or 'framepack'} table (640 px, 25 steps)"
+
+
+def magcache_summary(config: magcache_core.MagCacheConfig) -> dict[str, Any]:
+    """The MagCache part of a video record: settings, the ratio table and the plan that ran."""
+    plan = config.schedule()
+    return {
+        "magcache_thresh": config.magcache_thresh, "magcache_K": config.magcache_K,
+        "retention_ratio": config.retention_ratio, "num_steps": config.num_steps,
+        "resample": config.resample, "calibrate": config.calibrate,
+        "ratio_source": ratio_source(config), "ratios": list(config.mag_ratios),
+        "plan": ["skip" if skip else "compute" for skip in plan],
+        "computed_steps": [i for i, skip in enumerate(plan) if not skip],
+    }
 
 
 def section_count(total_second_length: float, latent_window_size: int) -> int:
@@ -582,6 +639,46 @@ def prepare_input_image(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+def vae_encode(image: torch.Tensor, vae: Any, seed: int) -> torch.Tensor:
+    """The start latent: a sample of the VAE posterior drawn from a generator seeded by the job.
+
+    FramePack's own ``vae_encode`` draws this sample from torch's global RNG,
+    which torch seeds from OS entropy in every new process
+    (``torch.initial_seed()`` differs between two runs of the same command) and
+    which anything else in the process may have advanced.  So the same job gave
+    another video in another process, or after another job.  A CPU generator
+    seeded from the job's seed makes the sample, and so the video, a function
+    of the settings alone: the same on every worker, thread count and device.
+    """
+    posterior = vae.encode(image.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    sample = posterior.sample(generator=torch.Generator("cpu").manual_seed(seed))
+    return sample * vae.config.scaling_factor
+
+
+#: The image files a job reads (what Pillow decodes), for error messages.
+IMAGE_FORMATS = "PNG, JPEG, WebP, BMP, TIFF or GIF"
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as HxWx3 uint8, checked as :func:`prepare_input_image` checks arrays.
+
+    Anything Pillow cannot decode (a text file renamed .png, a truncated file)
+    raises a ValueError that names the file and the formats that work.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = pathlib.Path(path).name
+    try:
+        with Image.open(path) as im:
+            im.load()
+            array = np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ValueError(f"{name} is not a readable image: use a {IMAGE_FORMATS} file") from None
+    return prepare_input_image(array)
+
+
 # ---------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------
@@ -630,6 +727,7 @@ class JobResult:
     profile_path: str | None = None
     calibration: magcache_core.MagCacheProfile | None = None
     job_id: str | None = None
+    record: dict[str, Any] | None = None     # how the last video was made (its JSON beside it)
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines for the UI, the console and the CLI: one per section, then totals."""
@@ -681,12 +779,14 @@ def _grid_columns(batch: int) -> int:
     return next((c for c in (6, 5, 4, 3, 2) if batch % c == 0), batch)
 
 
-def write_mp4(frames_bcthw: torch.Tensor, path: str | os.PathLike, fps: int = FPS, crf: int = 16) -> str:
+def write_mp4(frames_bcthw: torch.Tensor, path: str | os.PathLike, fps: int = FPS, crf: int = 16,
+              comment: str | None = None) -> str:
     """Write a (batch, channel, time, height, width) tensor in [-1, 1] as an H.264 MP4 with PyAV.
 
     A batch is tiled into a grid.  yuv420p needs even sides, so an odd height or
     width gets its last row/column repeated.  The file is written under a
     temporary name and renamed, so a reader never sees a half-written video.
+    ``comment`` goes into the container's ``comment`` tag (the job's JSON record).
     """
     import av
 
@@ -709,6 +809,8 @@ def write_mp4(frames_bcthw: torch.Tensor, path: str | os.PathLike, fps: int = FP
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         with av.open(str(tmp), mode="w", format="mp4") as container:
+            if comment is not None:
+                container.metadata["comment"] = comment
             stream = container.add_stream("libx264", rate=int(fps), options={"crf": str(int(crf))})
             stream.width, stream.height = video.shape[2], video.shape[1]
             stream.pix_fmt = "yuv420p"
@@ -973,8 +1075,15 @@ class _Job:
     def __init__(self, models: Models, settings: JobSettings, outputs_dir: str | os.PathLike,
                  profiles_dir: str | os.PathLike, on_progress: Callable[[ProgressUpdate], None] | None,
                  on_section: Callable[[SectionReport], None] | None,
-                 should_stop: Callable[[], bool] | None) -> None:
+                 should_stop: Callable[[], bool] | None, image_path: str | os.PathLike | None = None) -> None:
         self.models = models
+        self.image_path = image_path
+        self.image: dict[str, str] | None = None        # the input image as the record names it
+        self.record: dict[str, Any] | None = None
+        self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.started = time.perf_counter()
+        self.config: magcache_core.MagCacheConfig | None = None
+        self.frame_size: tuple[int, int] | None = None  # (width, height) of the bucket
         self.settings = settings
         self.outputs_dir = pathlib.Path(outputs_dir)
         self.profiles_dir = pathlib.Path(profiles_dir)
@@ -1006,7 +1115,7 @@ class _Job:
     # -- the job ---------------------------------------------------------------
 
     def run(self, input_image: Any) -> JobResult:
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         transformer = self.models.transformer
         magcache_enabled = False
         touched_models = False
@@ -1022,6 +1131,7 @@ class _Job:
                 if self.settings.cache == "magcache":
                     # reads a profile, if any, and refuses one of another variant or model
                     config = self.settings.magcache_config(self.models.variant, self.models.model_id)
+                self.config = config
             except ValueError as exc:
                 raise _Refused(str(exc)) from exc
             if not self.models.busy.acquire(blocking=False):
@@ -1078,7 +1188,7 @@ class _Job:
                     self.models.busy.release()
         result = JobResult(status=status, message=message, video_path=self.video_path, sections=self.sections,
                            seconds=time.perf_counter() - started, profile_path=profile_path,
-                           calibration=profile, job_id=self.job_id)
+                           calibration=profile, job_id=self.job_id, record=self.record)
         self._log_total(result)
         return result
 
@@ -1108,11 +1218,18 @@ class _Job:
         image_np = fp.utils.resize_and_center_crop(image, target_width=width, target_height=height)
         from PIL import Image
         Image.fromarray(image_np).save(self.outputs_dir / f"{self.job_id}.png")
+        self.frame_size = (width, height)
+        if self.image_path is not None:
+            self.image = magcache_metadata.image_record(self.image_path)
+        else:   # keep the exact input, so the record can make the video again
+            own = self.outputs_dir / f"{self.job_id}_input.png"
+            Image.fromarray(image).save(own)
+            self.image = magcache_metadata.image_record(own)
         image_pt = (torch.from_numpy(image_np).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
 
         self.progress("VAE encoding ...")
         self.placement.vae()
-        start_latent = fp.hunyuan.vae_encode(image_pt, m.vae)
+        start_latent = vae_encode(image_pt, m.vae, s.seed)
 
         self.progress("CLIP Vision encoding ...")
         self.placement.image_encoder()
@@ -1185,18 +1302,45 @@ class _Job:
         pixels = history.decode(lambda latents: fp.hunyuan.vae_decode(latents, m.vae).cpu())
         self.placement.release()
         self.stage = f"writing section {index + 1}"
-        path = write_mp4(pixels, self.outputs_dir / f"{self.job_id}_{history.total_latents}.mp4",
-                         fps=FPS, crf=s.mp4_crf)
-        self.video_path = path
+        path = str(self.outputs_dir / f"{self.job_id}_{history.total_latents}.mp4")
         report = SectionReport(index=index, total=self.total_sections, computed_steps=computed,
                                skipped_steps=skipped, seconds=time.perf_counter() - started, video_path=path,
                                frames=int(pixels.shape[2]), sampling_seconds=sampling_seconds)
+        record = self.video_record(self.sections + [report])
+        write_mp4(pixels, path, fps=FPS, crf=s.mp4_crf, comment=magcache_metadata.dumps(record))
+        magcache_metadata.write_sidecar(path, record)
+        self.video_path, self.record = path, record
         self.sections.append(report)
         logger.info("%s -> %s", report.summary(), path)
         if self.on_section is not None:
             self.on_section(report)
         self.progress(f"Section {index + 1}/{self.total_sections} done: {report.frames} frames "
                       f"({report.frames / FPS:.2f} s).", percent=100, section=index, step=s.steps)
+
+    def video_record(self, sections: list[SectionReport]) -> dict[str, Any]:
+        """How the video of these sections was made: the JSON beside its MP4 and in its comment tag."""
+        m, s = self.models, self.settings
+        settings = dataclasses.asdict(s)
+        for key in ("prompt", "n_prompt", "seed"):
+            settings.pop(key)
+        width, height = self.frame_size or (None, None)
+        return {
+            "format": magcache_metadata.FORMAT, "version": magcache_metadata.VERSION,
+            "job_id": self.job_id, "created": self.created,
+            "prompt": s.prompt, "n_prompt": s.n_prompt, "seed": s.seed,
+            "image": self.image,
+            "variant": m.variant.name, "model": m.model_id, "tiny": m.tiny,
+            "settings": settings,
+            "frame": {"width": width, "height": height, "fps": FPS,
+                      "frames": sections[-1].frames if sections else 0},
+            "magcache": None if self.config is None else magcache_summary(self.config),
+            "sections_total": self.total_sections,
+            "sections": [dataclasses.asdict(r) | {"video_path": pathlib.Path(r.video_path).name}
+                         for r in sections],
+            "timings": {"seconds": round(time.perf_counter() - self.started, 3),
+                        "sampling_seconds": round(sum(r.sampling_seconds for r in sections), 3)},
+            "packages": magcache_metadata.package_versions(),
+        }
 
     def save_profile(self, state: magcache_core.MagCacheState) -> tuple[magcache_core.MagCacheProfile, str]:
         """Average this job's calibration runs into a profile and save it under profiles_dir."""
@@ -1221,7 +1365,8 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
             on_progress: Callable[[ProgressUpdate], None] | None = None,
             on_section: Callable[[SectionReport], None] | None = None,
             should_stop: Callable[[], bool] | None = None,
-            profiles_dir: str | os.PathLike = "magcache_profiles") -> JobResult:
+            profiles_dir: str | os.PathLike = "magcache_profiles",
+            image_path: str | os.PathLike | None = None) -> JobResult:
     """Generate one video, section by section, and say how it went.
 
     After every section the video so far is written to
@@ -1236,6 +1381,11 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
     are logged with their traceback and reported the same way, so a UI worker
     always gets a result.  MagCache is enabled on the transformer for the job
     only and always disabled again.  One job at a time per Models.
+
+    Beside every MP4 goes a JSON record of how it was made (the same JSON is
+    the MP4's ``comment`` tag; see :mod:`magcache_metadata`).  ``image_path``
+    names the file ``input_image`` was read from, for that record; without
+    it the input is saved as ``<job id>_input.png`` and that file is named.
     """
-    job = _Job(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop)
+    job = _Job(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop, image_path)
     return job.run(input_image)
