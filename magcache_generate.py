@@ -5,9 +5,10 @@ One job::
     python magcache_generate.py --image cat.png --prompt "The cat dances" --seconds 5 \
         --preset E015K4R02 --output cat.mp4
 
-Many jobs, one JSON object per line; keys are the long flag names with
-underscores (``magcache_thresh``, ``magcache_K``, ``retention_ratio`` ...), and
-whatever a line leaves out comes from the command line::
+Many jobs, one JSON object per line; keys are the long flag names, with
+underscores or dashes (``magcache_thresh`` or ``magcache-thresh``, ``magcache_K``,
+``retention_ratio`` ...), and whatever a line leaves out comes from the command
+line::
 
     python magcache_generate.py --jobs jobs.jsonl --tiny --steps 25
     # jobs.jsonl
@@ -17,6 +18,13 @@ whatever a line leaves out comes from the command line::
 A job that fails (bad values, unreadable image, generation error) is reported
 with its line number and the next one runs; the exit code is 1 if any job
 failed, 2 for bad command-line arguments, 0 otherwise.
+
+Every video gets a JSON record beside it (``cat.mp4`` -> ``cat.json``, also in
+the MP4's ``comment`` tag).  The same video again, any flag overriding the
+recorded value::
+
+    python magcache_generate.py --replay cat.json --output again.mp4
+    python magcache_generate.py --replay cat.json --seed 7 --output other.mp4
 
 Everything that generates comes from ``magcache_pipeline`` (the same code the
 Gradio apps run), so a CLI video equals an app video for the same settings.
@@ -52,13 +60,20 @@ PRESET_NAMES = ("E010K3R02", "E015K4R02")     # magcache_core.PRESETS; repeated 
 # (FramePack's UI defaults, as magcache_pipeline.JobSettings has them).
 DEFAULTS: dict[str, Any] = {
     "image": None, "prompt": "", "n_prompt": "", "variant": "framepack", "seconds": 5.0, "steps": 25,
-    "seed": 31337, "cfg": 1.0, "gs": 10.0, "cache": "magcache", "preset": None,
+    "seed": 31337, "cfg": 1.0, "gs": 10.0, "rs": 0.0, "cache": "magcache", "preset": None,
     "magcache_thresh": 0.10, "magcache_K": 3, "retention_ratio": 0.2, "mag_ratios": None,
     "calibrate": False, "tiny": False, "output": None, "outputs_dir": "outputs",
-    "profiles_dir": "magcache_profiles", "crf": 16,
+    "profiles_dir": "magcache_profiles", "crf": 16, "latent_window_size": 9, "resolution": 640,
+    "gpu_memory_preservation": 6.0,
 }
 PRESET_KEYS = ("magcache_thresh", "magcache_K", "retention_ratio")
 FLAG = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
+#: Job keys whose JobSettings field has another name; every other setting key is the field's name.
+SETTING_NAMES = {"seconds": "total_second_length", "crf": "mp4_crf"}
+#: The job keys that are JobSettings fields (what a video record's "settings" can give back).
+SETTING_KEYS = ("prompt", "n_prompt", "seed", "seconds", "steps", "cfg", "gs", "rs", "cache", "magcache_thresh",
+                "magcache_K", "retention_ratio", "mag_ratios", "calibrate", "crf", "latent_window_size",
+                "resolution", "gpu_memory_preservation")
 
 
 class JobError(ValueError):
@@ -111,8 +126,9 @@ def _to_str(key: str, value: Any) -> str | None:
 
 
 CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
-    "seconds": _to_float, "cfg": _to_float, "gs": _to_float, "magcache_thresh": _to_float,
-    "retention_ratio": _to_float, "steps": _to_int, "seed": _to_int, "magcache_K": _to_int, "crf": _to_int,
+    "seconds": _to_float, "cfg": _to_float, "gs": _to_float, "rs": _to_float, "magcache_thresh": _to_float,
+    "retention_ratio": _to_float, "gpu_memory_preservation": _to_float, "steps": _to_int, "seed": _to_int,
+    "magcache_K": _to_int, "crf": _to_int, "latent_window_size": _to_int, "resolution": _to_int,
     "calibrate": _to_bool, "tiny": _to_bool,
 }
 
@@ -124,9 +140,10 @@ def normalise_job_line(obj: Any) -> dict[str, Any]:
                        f"got {type(obj).__name__}")
     out: dict[str, Any] = {}
     for key, value in obj.items():
-        name = "magcache_K" if key == "magcache_k" else key
+        name = str(key).replace("-", "_")      # "magcache-thresh" as on the command line, or "magcache_thresh"
+        name = "magcache_K" if name == "magcache_k" else name
         if name not in DEFAULTS:
-            raise JobError(f"unknown key {key!r}; accepted keys: {', '.join(DEFAULTS)}")
+            raise JobError(f"unknown key {key!r}; accepted keys (dashes or underscores): {', '.join(DEFAULTS)}")
         out[name] = CONVERTERS.get(name, _to_str)(name, value)
     return out
 
@@ -168,19 +185,12 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
         raise JobError(f"--variant {values['variant']!r}: choose one of {', '.join(VARIANT_NAMES)}")
     if values["cache"] not in CACHE_MODES:
         raise JobError(f"--cache {values['cache']!r}: choose one of {', '.join(CACHE_MODES)}")
-    if values["seconds"] <= 0:
-        raise JobError(f"--seconds must be > 0 (video length in seconds), got {values['seconds']:g}")
-    if values["steps"] < 1:
-        raise JobError(f"--steps must be an integer >= 1, got {values['steps']}")
-    if values["magcache_thresh"] < 0:
-        raise JobError(f"--magcache-thresh must be >= 0 (0.10 to 0.15 is the published range), "
-                       f"got {values['magcache_thresh']:g}")
-    if not 1 <= values["magcache_K"] <= values["steps"]:
-        raise JobError(f"--magcache-K must be an integer from 1 to {values['steps']} (--steps), "
-                       f"got {values['magcache_K']}")
-    if not 0 <= values["retention_ratio"] < 1:
-        raise JobError(f"--retention-ratio must be in [0, 1) (0.2 is the published value), "
-                       f"got {values['retention_ratio']:g}")
+    from magcache_pipeline import LIMITS
+
+    for key in SETTING_KEYS:
+        limit = LIMITS.get(SETTING_NAMES.get(key, key))
+        if limit is not None and not limit.accepts(values[key]):
+            raise JobError(f"{FLAG[key]} {limit.describe()}, got {values[key]!r}")
     if values["calibrate"] and values["cache"] != "magcache":
         raise JobError(f"--calibrate measures with MagCache: it needs --cache magcache (not {values['cache']})")
     output = values["output"]
@@ -189,6 +199,7 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
     if not values["tiny"] and not cuda_available:
         raise JobError("the real FramePack models need a CUDA GPU and none is available; "
                        "use --tiny for a CPU run with tiny random-weight models")
+    load_image(image)     # readable and large enough, before any model is loaded
     if values["mag_ratios"] is not None:
         import magcache_core
 
@@ -207,12 +218,7 @@ def job_settings(values: dict[str, Any]) -> Any:
     """The pipeline's JobSettings for these values, validated by the pipeline itself."""
     import magcache_pipeline
 
-    settings = magcache_pipeline.JobSettings(
-        prompt=values["prompt"], n_prompt=values["n_prompt"], seed=values["seed"],
-        total_second_length=values["seconds"], steps=values["steps"], cfg=values["cfg"], gs=values["gs"],
-        cache=values["cache"], magcache_thresh=values["magcache_thresh"], magcache_K=values["magcache_K"],
-        retention_ratio=values["retention_ratio"], mag_ratios=values["mag_ratios"],
-        calibrate=values["calibrate"], mp4_crf=values["crf"])
+    settings = magcache_pipeline.JobSettings(**{SETTING_NAMES.get(k, k): values[k] for k in SETTING_KEYS})
     try:
         settings.validate()
     except ValueError as exc:
@@ -229,13 +235,32 @@ def output_for_line(output: str | None, line: int, from_job: bool) -> str | None
 
 
 def load_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """The image as RGB uint8, or JobError saying why not (unreadable, too small)."""
+    import magcache_pipeline
 
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise JobError(f"--image: cannot read {path} as an image ({exc})") from None
+        return magcache_pipeline.read_image(path)
+    except ValueError as exc:
+        raise JobError(f"--image: {exc}") from None
+
+
+def replay_layer(path: str, image_given: bool) -> dict[str, Any]:
+    """The values a video record (its .json, or the .mp4 itself) was made with, as a layer of job values."""
+    import magcache_metadata
+
+    try:
+        record = magcache_metadata.read_record(path)
+        settings = record["settings"]
+        layer = {k: settings[SETTING_NAMES.get(k, k)] for k in SETTING_KEYS if SETTING_NAMES.get(k, k) in settings}
+        layer.update(prompt=record["prompt"], n_prompt=record["n_prompt"], seed=record["seed"],
+                     variant=record["variant"], tiny=bool(record.get("tiny")))
+        if not image_given:
+            layer["image"] = str(magcache_metadata.find_image(record, path))
+    except (KeyError, TypeError) as exc:
+        raise JobError(f"--replay: {path} lacks {exc} (a record written by this project has it)") from None
+    except ValueError as exc:
+        raise JobError(f"--replay: {exc}") from None
+    return layer
 
 
 # ---------------------------------------------------------------------------
@@ -347,16 +372,28 @@ def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], p
         with logging_redirect_tqdm(), contextlib.redirect_stderr(_HideSamplerBars(sys.stderr)):
             result = magcache_pipeline.run_job(models_cache[key], image, settings, outputs_dir=values["outputs_dir"],
                                                on_progress=bars.on_progress, on_section=bars.on_section,
-                                               should_stop=stop, profiles_dir=values["profiles_dir"])
+                                               should_stop=stop, profiles_dir=values["profiles_dir"],
+                                               image_path=values["image"])
     finally:
         bars.close()
     video = result.video_path
     if video and values["output"]:
-        out = pathlib.Path(values["output"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(video, out)
-        video = str(out)
+        video = str(copy_video(video, values["output"]))
     return result, video
+
+
+def copy_video(video: str | os.PathLike, output: str | os.PathLike) -> pathlib.Path:
+    """Copy an MP4 and its JSON record to ``output`` (and ``output`` with .json): each appears only whole."""
+    import magcache_metadata
+
+    out = pathlib.Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((magcache_metadata.sidecar_path(video), magcache_metadata.sidecar_path(out)), (video, out)):
+        if pathlib.Path(src).is_file():
+            tmp = dst.with_name(f".{dst.name}.partial")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return out
 
 
 def print_result(result: Any, video: str | None, out: TextIO) -> None:
@@ -394,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default 31337)")
     p.add_argument("--cfg", type=float, help="real guidance scale (default 1: no negative branch)")
     p.add_argument("--gs", type=float, help="distilled guidance scale (default 10)")
+    p.add_argument("--rs", type=float, help="CFG re-scale (default 0)")
     p.add_argument("--cache", choices=CACHE_MODES, help="magcache (default), teacache (FramePack's) or off")
     p.add_argument("--preset", choices=PRESET_NAMES,
                    help="MagCache preset: E010K3R02 = 0.10,3,0.2 (default values), E015K4R02 = 0.15,4,0.2; "
@@ -413,7 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs-dir", help="where the pipeline writes videos (default outputs)")
     p.add_argument("--profiles-dir", help="where --calibrate writes profiles (default magcache_profiles)")
     p.add_argument("--crf", type=int, help="H.264 CRF of the MP4, 0 (lossless) to 51 (default 16)")
+    p.add_argument("--latent-window-size", type=int, help="latents per section (default 9)")
+    p.add_argument("--resolution", type=int, help="bucket resolution in pixels (default 640; tiny models "
+                                                  "cap it at 128)")
+    p.add_argument("--gpu-memory-preservation", type=float, help="GB kept free on the GPU (default 6)")
     p.add_argument("--jobs", metavar="FILE", help="run one job per line of FILE (JSON objects)")
+    p.add_argument("--replay", metavar="RECORD", help="make a video again from its JSON record (or its MP4); "
+                                                      "flags given here override the recorded values")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -433,8 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     cli = command_line_layer(args)
+    layers = [cli]
     try:
-        base = merge_values(cli)
+        if args.replay is not None:
+            if args.jobs is not None:
+                raise JobError("--replay and --jobs do not go together: replay one record at a time")
+            layers = [replay_layer(args.replay, image_given="image" in cli), cli]
+        base = merge_values(*layers)
     except JobError as exc:
         parser.error(str(exc))
     models_cache: dict[tuple[str, bool], Any] = {}

@@ -1,0 +1,147 @@
+"""Every video says how it was made, and the same record makes the same video, in any process.
+
+The records are checked against values computed here independently (the file's
+SHA-256 with hashlib, the plan with skip_schedule, the MP4's tag read with PyAV),
+and the replay runs in a fresh Python process with another thread count, hash
+seed and global torch seed, decoding both MP4s and comparing every pixel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import magcache_core
+import magcache_generate as gen
+import magcache_metadata
+import magcache_pipeline as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    x = np.zeros((80, 96, 3), np.uint8)
+    x[..., 1] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
+    x[10:60, 20:50, 0] = 200
+    path = tmp_path / "start.png"
+    Image.fromarray(x).save(path)
+    return path
+
+
+def frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_limits_are_one_table_and_clamp_into_it() -> None:
+    s = mp.JobSettings(prompt="x", steps=500, retention_ratio=1.0, magcache_thresh=2.5, magcache_K=0.4,
+                       seed=-3, mp4_crf=99.6, total_second_length=0.2)
+    c = s.clamped()
+    assert (c.steps, c.retention_ratio, c.magcache_thresh, c.magcache_K, c.seed, c.mp4_crf,
+            c.total_second_length) == (100, 0.99, 1.0, 1, 0, 51, 1)
+    c.validate()                                    # a clamped job is a valid job
+    for name, limit in mp.LIMITS.items():
+        assert limit.accepts(limit.low) and limit.accepts(limit.high)
+        above = limit.high + (1 if limit.integer else 0.5)
+        with pytest.raises(ValueError, match=name):
+            bad = mp.JobSettings(prompt="x", **{name: above})
+            bad.validate()
+
+
+def test_bad_image_files_are_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    def no_models(*a, **k):
+        raise AssertionError("models were loaded for a job whose image is bad")
+
+    monkeypatch.setattr(mp, "load_models", no_models)
+    fake = tmp_path / "photo.png"
+    fake.write_text("this is text, not a PNG")
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--image", str(fake), "--tiny"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "photo.png is not a readable image" in err and "PNG, JPEG" in err and "Traceback" not in err
+    tiny = tmp_path / "dot.png"
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
+    with pytest.raises(SystemExit):
+        gen.main(["--image", str(tiny), "--tiny"])
+    assert "1x1 pixels; it must be at least 16x16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_path: Path, image: Path) -> None:
+    out = tmp_path / "clip.mp4"
+    argv = ["--image", str(image), "--prompt", "a red box turns", "--tiny", "--seconds", "1", "--steps", "8",
+            "--seed", "123", "--preset", "E015K4R02", "--output", str(out), "--no-progress",
+            "--outputs-dir", str(tmp_path / "outputs")]
+    assert gen.main(argv) == 0
+    sidecar = out.with_suffix(".json")
+    record = json.loads(sidecar.read_text())
+    # the MP4's own comment tag holds the same record
+    import av
+    with av.open(str(out)) as c:
+        assert json.loads(c.metadata["comment"]) == record
+    assert record["format"] == magcache_metadata.FORMAT
+    assert (record["prompt"], record["seed"], record["variant"], record["model"]) == \
+        ("a red box turns", 123, "framepack", mp.TINY_MODEL_ID)
+    assert record["image"]["name"] == "start.png"
+    assert record["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    settings = record["settings"]
+    assert (settings["steps"], settings["magcache_thresh"], settings["magcache_K"], settings["retention_ratio"],
+            settings["cfg"], settings["gs"], settings["mp4_crf"], settings["cache"]) == \
+        (8, 0.15, 4, 0.2, 1.0, 10.0, 16, "magcache")
+    expected_plan = magcache_core.skip_schedule(magcache_core.FRAMEPACK_MAG_RATIOS, 8, 0.15, 4, 0.2)
+    mc = record["magcache"]
+    assert mc["plan"] == ["skip" if s else "compute" for s in expected_plan]
+    assert mc["ratios"] == list(magcache_core.FRAMEPACK_MAG_RATIOS) and "published" in mc["ratio_source"]
+    assert [s["computed_steps"] for s in record["sections"]] == \
+        [[i for i, s in enumerate(expected_plan) if not s]] * record["sections_total"]
+    assert record["frame"]["frames"] == len(frames(out))
+    assert record["packages"]["torch"] and record["timings"]["seconds"] > 0
+
+    # the same video from the record alone, in a fresh process that differs in every way that used to matter
+    env = dict(os.environ, PYTHONHASHSEED="7", OMP_NUM_THREADS="2")
+    code = ("import sys, torch; torch.manual_seed(99); torch.rand(5); torch.set_num_threads(2); "
+            "import magcache_generate as g; sys.exit(g.main(sys.argv[1:]))")
+    again = tmp_path / "again.mp4"
+    other = tmp_path / "seed7.mp4"
+    for target, extra in ((again, []), (other, ["--seed", "7"])):
+        proc = subprocess.run([sys.executable, "-c", code, "--replay", str(sidecar), "--output", str(target),
+                               "--no-progress", "--outputs-dir", str(tmp_path / "replays"), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.array_equal(frames(again), frames(out))
+    assert not np.array_equal(frames(other), frames(out))
+    replayed = json.loads(again.with_suffix(".json").read_text())
+    assert replayed["settings"] == record["settings"] and replayed["image"] == record["image"]
+    assert json.loads(other.with_suffix(".json").read_text())["seed"] == 7
+
+
+def test_replay_errors_say_what_is_wrong(tmp_path: Path, image: Path, capsys: pytest.CaptureFixture) -> None:
+    not_record = tmp_path / "x.json"
+    not_record.write_text('{"hello": 1}')
+    with pytest.raises(SystemExit):
+        gen.main(["--replay", str(not_record)])
+    assert "is not a video record of this project" in capsys.readouterr().err
+    record = {"format": magcache_metadata.FORMAT, "prompt": "p", "n_prompt": "", "seed": 1, "variant": "framepack",
+              "tiny": True, "settings": {"steps": 4},
+              "image": {"name": "start.png", "path": str(image), "sha256": "0" * 64}}
+    rec = tmp_path / "r.json"
+    rec.write_text(json.dumps(record))
+    with pytest.raises(SystemExit):
+        gen.main(["--replay", str(rec)])
+    assert "is not the recorded input image" in capsys.readouterr().err
