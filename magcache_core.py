@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -73,6 +74,13 @@ MAX_STEP_RATIO_DEVIATION = 0.06
 
 RESAMPLE_MODES = ("magnitude", "nearest")
 PROFILE_FORMAT = "magcache-framepack-profile"
+
+# The ratio library: the published tables above stand for 640 px at 25 steps; this
+# file (shipped beside this module) holds the other calibrations, each with its source.
+LIBRARY_PATH = pathlib.Path(__file__).resolve().with_name("magcache_ratio_library.json")
+LIBRARY_FORMAT = "magcache-framepack-ratio-library"
+PUBLISHED_RESOLUTION = 640
+PUBLISHED_STEPS = 25
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -213,6 +221,97 @@ def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
 
 
 # ---------------------------------------------------------------------------
+# The ratio library: a calibrated table for each job's resolution and step count
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RatioTable:
+    """One calibrated table: what it was measured on, and who measured it (``source``, a short name)."""
+
+    variant: str
+    resolution: int
+    steps: int
+    ratios: tuple[float, ...]
+    source: str
+
+
+@functools.cache
+def ratio_library() -> tuple[RatioTable, ...]:
+    """Every table :func:`library_ratios` picks from: the published ones, then the library file's.
+
+    A file table for a (variant, resolution, steps) that a published table
+    already stands for is left out, so the published numbers win there.
+    """
+    tables = [RatioTable(v, PUBLISHED_RESOLUTION, PUBLISHED_STEPS, r, "published MagCache table")
+              for v, r in VARIANT_MAG_RATIOS.items()]
+    try:
+        data = json.loads(LIBRARY_PATH.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"the ratio library {LIBRARY_PATH.name} is missing beside {pathlib.Path(__file__).name} "
+            f"({exc.strerror}): copy it along with the other magcache_* files") from None
+    if not isinstance(data, dict) or data.get("format") != LIBRARY_FORMAT:
+        raise ValueError(f"{LIBRARY_PATH} is not a ratio library (\"format\": \"{LIBRARY_FORMAT}\" expected)")
+    names = {key: src["sentence"] for key, src in data["sources"].items()}
+    taken = {(t.variant, t.resolution, t.steps) for t in tables}
+    for row in data["tables"]:
+        table = RatioTable(row["variant"], int(row["resolution"]), int(row["steps"]),
+                           _validated_ratios(row["ratios"]), names[row["source"]])
+        if len(table.ratios) != table.steps:
+            raise ValueError(f"{LIBRARY_PATH}: the {table.variant} {table.resolution} px table holds "
+                             f"{len(table.ratios)} ratios for {table.steps} steps")
+        if (table.variant, table.resolution, table.steps) not in taken:
+            tables.append(table)
+    return tuple(tables)
+
+
+def _nearest(options: Iterable[float], target: float) -> float:
+    """The option nearest to ``target``; a tie goes to the larger one."""
+    return min(options, key=lambda o: (abs(o - target), -o))
+
+
+def pick_ratio_table(variant: str, resolution: float, num_steps: int) -> RatioTable:
+    """The library table for a job: nearest calibrated resolution, then the same (or nearest) step count.
+
+    ``resolution`` is (height + width) / 2 of the job's frames.  Ties go to the
+    larger resolution and the larger step count.
+    """
+    if variant not in VARIANT_MAG_RATIOS:
+        raise ValueError(f"variant = {variant!r}: must be one of {', '.join(VARIANT_MAG_RATIOS)}")
+    if isinstance(resolution, bool) or not isinstance(resolution, numbers.Real) \
+            or not math.isfinite(resolution) or resolution <= 0:
+        raise ValueError(f"resolution = {resolution!r}: must be a positive number of pixels, "
+                         "(height + width) / 2 of the frames")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps = {num_steps!r}: must be an integer >= 1")
+    tables = [t for t in ratio_library() if t.variant == variant]
+    res = _nearest({t.resolution for t in tables}, resolution)
+    at_res = [t for t in tables if t.resolution == res]
+    steps = _nearest({t.steps for t in at_res}, num_steps)
+    return next(t for t in at_res if t.steps == steps)
+
+
+def library_ratios(variant: str, resolution: float, num_steps: int,
+                   mode: str = "magnitude") -> tuple[list[float], str]:
+    """``(ratios, source)``: ``num_steps`` ratios for a job, and a sentence saying where they come from.
+
+    The table is :func:`pick_ratio_table`'s; when its step count differs from
+    ``num_steps`` it is resampled with :func:`resample_mag_ratios` in ``mode``.
+    """
+    table = pick_ratio_table(variant, resolution, num_steps)
+    ratios = resample_mag_ratios(table.ratios, num_steps, mode)
+    source = f"{table.source}, {table.resolution} px, {table.steps} steps"
+    if table.steps != num_steps:
+        source += f", resampled to {num_steps} steps" + ("" if mode == "magnitude" else f" ({mode})")
+    return ratios, source
+
+
+def frame_resolution(height: int, width: int) -> float:
+    """The resolution key of the library: (height + width) / 2 of the frames."""
+    return (height + width) / 2
+
+
+# ---------------------------------------------------------------------------
 # Profiles and configuration
 # ---------------------------------------------------------------------------
 
@@ -313,6 +412,7 @@ class MagCacheConfig:
     resample: str = "magnitude"
     variant: str | None = None
     model: str | None = None             # when set, a profile measured on another model is refused
+    source: str | None = None            # a sentence naming where mag_ratios come from (reports, records)
     profile: MagCacheProfile | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -322,6 +422,8 @@ class MagCacheConfig:
             raise ValueError(f"calibrate = {self.calibrate!r}: must be True or False")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model = {self.model!r}: must be a checkpoint name (str) or None")
+        if self.source is not None and not isinstance(self.source, str):
+            raise ValueError(f"source = {self.source!r}: must be a sentence (str) or None")
         if self.variant is not None and self.variant not in VARIANT_MAG_RATIOS:
             raise ValueError(f"variant = {self.variant!r}: must be one of {', '.join(VARIANT_MAG_RATIOS)} or None")
         ratios = self.mag_ratios
