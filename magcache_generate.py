@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 VARIANT_NAMES = ("framepack", "f1")
 CACHE_MODES = ("magcache", "teacache", "off")
 PRESET_NAMES = ("E010K3R02", "E015K4R02")     # magcache_core.PRESETS; repeated so --help needs no torch
+RESAMPLE_MODES = ("magnitude", "nearest")     # magcache_core.RESAMPLE_MODES, likewise
 
 # Defaults of a job when neither the command line nor the job line gives a value
 # (FramePack's UI defaults, as magcache_pipeline.JobSettings has them).
@@ -64,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "magcache_thresh": 0.10, "magcache_K": 3, "retention_ratio": 0.2, "mag_ratios": None,
     "calibrate": False, "tiny": False, "output": None, "outputs_dir": "outputs",
     "profiles_dir": "magcache_profiles", "crf": 16, "latent_window_size": 9, "resolution": 640,
-    "gpu_memory_preservation": 6.0,
+    "gpu_memory_preservation": 6.0, "resample": "magnitude",
 }
 PRESET_KEYS = ("magcache_thresh", "magcache_K", "retention_ratio")
 FLAG = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
@@ -73,7 +74,7 @@ SETTING_NAMES = {"seconds": "total_second_length", "crf": "mp4_crf"}
 #: The job keys that are JobSettings fields (what a video record's "settings" can give back).
 SETTING_KEYS = ("prompt", "n_prompt", "seed", "seconds", "steps", "cfg", "gs", "rs", "cache", "magcache_thresh",
                 "magcache_K", "retention_ratio", "mag_ratios", "calibrate", "crf", "latent_window_size",
-                "resolution", "gpu_memory_preservation")
+                "resolution", "gpu_memory_preservation", "resample")
 
 
 class JobError(ValueError):
@@ -185,6 +186,8 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
         raise JobError(f"--variant {values['variant']!r}: choose one of {', '.join(VARIANT_NAMES)}")
     if values["cache"] not in CACHE_MODES:
         raise JobError(f"--cache {values['cache']!r}: choose one of {', '.join(CACHE_MODES)}")
+    if values["resample"] not in RESAMPLE_MODES:
+        raise JobError(f"--resample {values['resample']!r}: choose one of {', '.join(RESAMPLE_MODES)}")
     from magcache_pipeline import LIMITS
 
     for key in SETTING_KEYS:
@@ -427,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-prompt", help="negative prompt (used only with --cfg > 1)")
     p.add_argument("--variant", choices=VARIANT_NAMES, help="framepack (default) or f1")
     p.add_argument("--seconds", type=float, help="video length in seconds (default 5)")
-    p.add_argument("--steps", type=int, help="sampling steps per section (default 25)")
+    p.add_argument("--steps", type=_int_list, help="sampling steps per section (default 25); with --calibrate "
+                                                  "a list (25,50) calibrates each")
     p.add_argument("--seed", type=int, help="random seed (default 31337)")
     p.add_argument("--cfg", type=float, help="real guidance scale (default 1: no negative branch)")
     p.add_argument("--gs", type=float, help="distilled guidance scale (default 10)")
@@ -440,8 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--magcache-K", type=int, help="most consecutive skipped steps, 1..steps (default 3)")
     p.add_argument("--retention-ratio", type=float, help="share of first steps always computed, [0, 1) "
                                                          "(default 0.2)")
-    p.add_argument("--mag-ratios", metavar="FILE", help="a calibration profile (JSON) instead of the published "
-                                                        "ratios")
+    p.add_argument("--mag-ratios", metavar="FILE", help="a calibration profile (JSON) instead of the ratio "
+                                                        "library's table for the job")
+    p.add_argument("--resample", choices=RESAMPLE_MODES,
+                   help="how a ratio table of another step count is fitted: magnitude (default) or nearest "
+                        "(the MagCache reference's stretch)")
+    p.add_argument("--resolutions", type=_int_list, metavar="R1,R2,...",
+                   help="with --calibrate: calibrate each of these bucket resolutions (times each --steps value)")
     p.add_argument("--calibrate", action="store_true", default=None,
                    help="measure this model's ratios (skips nothing) and write a profile to --profiles-dir")
     p.add_argument("--tiny", action="store_true", default=None,
@@ -463,8 +472,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int_list(text: str) -> list[int]:
+    """argparse type of "25" or "25,50": a list of integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, "
+                                         f"got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
 def command_line_layer(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    layer = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
+    if "steps" in layer:
+        layer["steps"] = layer["steps"][0]       # a list only matters for a calibration grid
+    return layer
+
+
+def calibration_grid(args: argparse.Namespace) -> list[tuple[int | None, int | None]]:
+    """(resolution, steps) pairs of a --calibrate grid; [(None, None)] for an ordinary run."""
+    steps = args.steps or [None]
+    resolutions = args.resolutions or [None]
+    if len(steps) == 1 and len(resolutions) == 1 and args.resolutions is None:
+        return [(None, None)]
+    if not args.calibrate:
+        raise JobError("several --steps values or --resolutions make a calibration grid: add --calibrate")
+    if args.jobs is not None or args.replay is not None:
+        raise JobError("a calibration grid (--resolutions, several --steps) runs alone, without --jobs or --replay")
+    return [(r, n) for r in resolutions for n in steps]
+
+
+def grid_output(output: str | None, resolution: int, steps: int) -> str | None:
+    """In a calibration grid a --output is a template: ``x.mp4`` -> ``x-384px-25steps.mp4``."""
+    if output is None:
+        return None
+    p = pathlib.Path(output)
+    return str(p.with_name(f"{p.stem}-{resolution}px-{steps}steps{p.suffix}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -479,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = command_line_layer(args)
     layers = [cli]
     try:
+        grid = calibration_grid(args)
         if args.replay is not None:
             if args.jobs is not None:
                 raise JobError("--replay and --jobs do not go together: replay one record at a time")
@@ -490,18 +536,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = _StopOnInterrupt()
 
     if args.jobs is None:
-        try:
-            check_values(base, cuda)
-            job_settings(base)
-        except JobError as exc:
-            parser.error(str(exc))
-        with stop.installed():
+        runs = []
+        for resolution, steps in grid:
+            values = dict(base)
+            if steps is not None:
+                values.update(resolution=resolution or base["resolution"], steps=steps)
+                values["output"] = grid_output(values["output"], values["resolution"], steps)
             try:
-                result, video = run_one(base, models_cache, not args.no_progress, stop)
+                check_values(values, cuda)
+                job_settings(values)
             except JobError as exc:
                 parser.error(str(exc))
-        print_result(result, video, sys.stdout)
-        return 0 if result.status == "done" else 1
+            runs.append(values)
+        failed = 0
+        with stop.installed():
+            for values in runs:
+                if stop.requested:
+                    break
+                if len(runs) > 1:
+                    print(f"== calibration at {values['resolution']} px, {values['steps']} steps ==", flush=True)
+                try:
+                    result, video = run_one(values, models_cache, not args.no_progress, stop)
+                except JobError as exc:
+                    parser.error(str(exc))
+                print_result(result, video, sys.stdout)
+                failed += result.status != "done"
+        return 1 if failed or stop.requested else 0
 
     if not os.path.isfile(args.jobs):
         parser.error(f"--jobs: file not found: {args.jobs}")

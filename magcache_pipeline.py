@@ -467,8 +467,11 @@ class JobSettings:
 
     ``cache``: "magcache" (this project), "teacache" (FramePack's built-in) or
     "off".  ``mag_ratios`` is the path of a saved calibration profile, or None
-    for the variant's published ratios.  ``calibrate`` runs MagCache in
-    measuring mode (it never skips) and saves a profile at the end.
+    for the ratio library's table for the job's variant, resolution and steps
+    (:func:`magcache_core.library_ratios`).  ``resample`` is how a table of
+    another step count is fitted ("magnitude" or the reference's "nearest").
+    ``calibrate`` runs MagCache in measuring mode (it never skips) and saves a
+    profile at the end.
     ``resolution`` is the bucket target; tiny models cap it at TINY_RESOLUTION.
     Numeric fields must lie within :data:`LIMITS`.
     """
@@ -491,6 +494,7 @@ class JobSettings:
     calibrate: bool = False
     mp4_crf: int = 16
     resolution: int = FRAMEPACK_RESOLUTION
+    resample: str = "magnitude"
 
     def clamped(self) -> "JobSettings":
         """A copy with every numeric field moved into :data:`LIMITS` (what a UI runs when a box is overtyped).
@@ -523,6 +527,8 @@ class JobSettings:
                 raise bad(name, limit.describe())
         if self.cache not in CACHE_MODES:
             raise bad("cache", f"must be one of {', '.join(CACHE_MODES)}")
+        if self.resample not in magcache_core.RESAMPLE_MODES:
+            raise bad("resample", f"must be one of {', '.join(magcache_core.RESAMPLE_MODES)}")
         if self.mag_ratios is not None:
             if not isinstance(self.mag_ratios, (str, os.PathLike)) or not str(self.mag_ratios):
                 raise bad("mag_ratios", "must be the path of a saved MagCache profile (JSON), or None")
@@ -535,27 +541,37 @@ class JobSettings:
             raise bad("calibrate", f"calibration measures with MagCache: set cache='magcache' "
                                    f"(it is {self.cache!r})")
 
-    def magcache_config(self, variant: str | Variant, model: str | None = None) -> magcache_core.MagCacheConfig:
-        """The MagCache settings of this job for ``variant`` (its published ratios unless a profile is set).
+    def magcache_config(self, variant: str | Variant, model: str | None = None,
+                        frame_resolution: float | None = None) -> magcache_core.MagCacheConfig:
+        """The MagCache settings of this job for ``variant``.
 
-        A profile calibrated for the other variant, or on another model than
-        ``model`` (see :attr:`Models.model_id`), is refused with a ValueError.
+        The ratios are the profile's when one is set, else the library's table
+        for ``frame_resolution`` ((height + width) / 2 of the frames; the bucket
+        target when not known yet).  A profile calibrated for the other variant,
+        or on another model than ``model`` (see :attr:`Models.model_id`), is
+        refused with a ValueError.
         """
         spec = get_variant(variant)
+        if self.mag_ratios is not None:
+            ratios, source = self.mag_ratios, f"profile {pathlib.Path(self.mag_ratios).name}"
+        else:
+            ratios, source = magcache_core.library_ratios(
+                spec.name, frame_resolution or self.resolution, self.steps, self.resample)
         return magcache_core.MagCacheConfig(
             magcache_thresh=self.magcache_thresh, magcache_K=self.magcache_K,
-            retention_ratio=self.retention_ratio, num_steps=self.steps,
-            mag_ratios=self.mag_ratios if self.mag_ratios is not None else spec.mag_ratios,
-            calibrate=self.calibrate, variant=spec.name, model=model)
+            retention_ratio=self.retention_ratio, num_steps=self.steps, mag_ratios=ratios,
+            calibrate=self.calibrate, resample=self.resample, variant=spec.name, model=model, source=source)
 
 
 def ratio_source(config: magcache_core.MagCacheConfig) -> str:
-    """A sentence saying which ratio table a MagCache config plans from."""
+    """A sentence saying which ratio table a MagCache config plans from, and why."""
     if config.profile is not None:
         p = config.profile
-        where = f" at {p.resolution} px" if p.resolution else ""
-        return f"calibration profile of {p.variant}{where}, {p.num_steps} steps, {p.runs} run(s), model {p.model}"
-    return f"published {config.variant or 'framepack'} table (640 px, 25 steps)"
+        where = f", {p.resolution} px" if p.resolution else ""
+        fitted = "" if p.num_steps == config.num_steps else f", resampled to {config.num_steps} steps"
+        return (f"{config.source or 'calibration profile'} (chosen by you): {p.variant}{where}, "
+                f"{p.num_steps} steps{fitted}, {p.runs} run(s), model {p.model}")
+    return config.source or "a ratio table given in code"
 
 
 def magcache_summary(config: magcache_core.MagCacheConfig) -> dict[str, Any]:
@@ -1127,10 +1143,13 @@ class _Job:
             try:
                 self.settings.validate()
                 image = prepare_input_image(input_image)
+                height, width = find_bucket(image.shape[0], image.shape[1], job_resolution(self.models, self.settings))
+                self.frame_size = (width, height)
                 config = None
                 if self.settings.cache == "magcache":
                     # reads a profile, if any, and refuses one of another variant or model
-                    config = self.settings.magcache_config(self.models.variant, self.models.model_id)
+                    config = self.settings.magcache_config(self.models.variant, self.models.model_id,
+                                                           magcache_core.frame_resolution(height, width))
                 self.config = config
             except ValueError as exc:
                 raise _Refused(str(exc)) from exc
@@ -1214,11 +1233,11 @@ class _Job:
         llama_vec_n, llama_mask_n = fp.utils.crop_or_pad_yield_mask(llama_vec_n, length=PROMPT_TOKENS)
 
         self.progress("Image processing ...")
-        height, width = find_bucket(image.shape[0], image.shape[1], job_resolution(m, s))
+        assert self.frame_size is not None
+        width, height = self.frame_size
         image_np = fp.utils.resize_and_center_crop(image, target_width=width, target_height=height)
         from PIL import Image
         Image.fromarray(image_np).save(self.outputs_dir / f"{self.job_id}.png")
-        self.frame_size = (width, height)
         if self.image_path is not None:
             self.image = magcache_metadata.image_record(self.image_path)
         else:   # keep the exact input, so the record can make the video again
@@ -1345,7 +1364,8 @@ class _Job:
     def save_profile(self, state: magcache_core.MagCacheState) -> tuple[magcache_core.MagCacheProfile, str]:
         """Average this job's calibration runs into a profile and save it under profiles_dir."""
         s = self.settings
-        resolution = job_resolution(self.models, s)
+        assert self.frame_size is not None
+        resolution = round(magcache_core.frame_resolution(self.frame_size[1], self.frame_size[0]))
         profile = state.calibration_profile(self.models.variant.name, resolution, model=self.models.model_id)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = f"magcache_{self.models.variant.name}_{s.steps}steps_{resolution}px_{stamp}_{self.job_id}.json"

@@ -107,3 +107,43 @@ def tiny_transformer() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def section(tiny_transformer: torch.nn.Module) -> Section:
     return make_section(tiny_transformer)
+
+
+# -- the ratio library's choice rule, restated independently of magcache_core ----------------------
+
+LIBRARY_FILE = Path(__file__).resolve().parent.parent / "magcache_ratio_library.json"
+
+
+def library_choice(variant: str, resolution: float, steps: int) -> tuple[int, int, list[float]]:
+    """(resolution, steps, ratios) of the table the library must pick, straight from the data.
+
+    The rule as issue 10 states it: the published 25-step tables stand for 640 px
+    at 25 steps, the file's tables fill every other (resolution, steps); the
+    nearest calibrated resolution wins (a tie goes to the larger), then the same
+    step count, else the nearest (a tie goes to the larger).
+    """
+    import json
+
+    from magcache_core import FRAMEPACK_F1_MAG_RATIOS, FRAMEPACK_MAG_RATIOS
+
+    tables = {(640, 25): list({"framepack": FRAMEPACK_MAG_RATIOS, "f1": FRAMEPACK_F1_MAG_RATIOS}[variant])}
+    for row in json.loads(LIBRARY_FILE.read_text())["tables"]:
+        if row["variant"] == variant:
+            tables.setdefault((row["resolution"], row["steps"]), row["ratios"])
+    best_res = None
+    for res in sorted({r for r, _ in tables}):
+        if best_res is None or abs(res - resolution) <= abs(best_res - resolution):
+            best_res = res                    # ascending order: on a tie the larger replaces the smaller
+    best_steps = None
+    for n in sorted(n for r, n in tables if r == best_res):
+        if best_steps is None or abs(n - steps) <= abs(best_steps - steps):
+            best_steps = n
+    return best_res, best_steps, tables[(best_res, best_steps)]
+
+
+def library_plan_ratios(variant: str, height: int, width: int, steps: int, mode: str = "magnitude") -> list[float]:
+    """The ratios a job of these frames plans from: the chosen table, fitted to ``steps``."""
+    from magcache_core import resample_mag_ratios
+
+    _, _, ratios = library_choice(variant, (height + width) / 2, steps)
+    return resample_mag_ratios(ratios, steps, mode)

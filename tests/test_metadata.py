@@ -22,6 +22,7 @@ import magcache_core
 import magcache_generate as gen
 import magcache_metadata
 import magcache_pipeline as mp
+from conftest import library_plan_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,10 +105,14 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
     assert (settings["steps"], settings["magcache_thresh"], settings["magcache_K"], settings["retention_ratio"],
             settings["cfg"], settings["gs"], settings["mp4_crf"], settings["cache"]) == \
         (8, 0.15, 4, 0.2, 1.0, 10.0, 16, "magcache")
-    expected_plan = magcache_core.skip_schedule(magcache_core.FRAMEPACK_MAG_RATIOS, 8, 0.15, 4, 0.2)
+    height, width = frames(out).shape[1:3]
+    ratios = library_plan_ratios("framepack", height, width, 8)
+    expected_plan = magcache_core.skip_schedule(ratios, 8, 0.15, 4, 0.2)
     mc = record["magcache"]
     assert mc["plan"] == ["skip" if s else "compute" for s in expected_plan]
-    assert mc["ratios"] == list(magcache_core.FRAMEPACK_MAG_RATIOS) and "published" in mc["ratio_source"]
+    assert mc["ratios"] == ratios
+    assert mc["ratio_source"] == "FramePack-Studio, 128 px, 25 steps, resampled to 8 steps"
+    assert (record["frame"]["width"], record["frame"]["height"]) == (width, height)
     assert [s["computed_steps"] for s in record["sections"]] == \
         [[i for i, s in enumerate(expected_plan) if not s]] * record["sections_total"]
     assert record["frame"]["frames"] == len(frames(out))

@@ -28,6 +28,7 @@ import torch
 
 import magcache_core
 import magcache_pipeline as mp
+from conftest import library_plan_ratios
 
 RES = 64          # tiny bucket resolution: keeps a 2-second job to a few CPU seconds
 WINDOW = 9
@@ -240,8 +241,10 @@ def test_magcache_job(tiny: dict[str, mp.Models], tmp_path: pathlib.Path, varian
 
     sim = simulate_framepack(2, WINDOW, forward=(variant == "f1"))
     assert len(result.sections) == len(sim) == 2 and reports == result.sections
-    plan = skipped_by_plan(magcache_core.VARIANT_MAG_RATIOS[variant], 25)
-    assert plan, "the published plan skips steps"
+    frame = result.record["frame"]
+    plan = skipped_by_plan(library_plan_ratios(variant, frame["height"], frame["width"], 25), 25)
+    assert plan, "the library's plan skips steps"
+    assert result.record["magcache"]["ratio_source"].startswith("FramePack-Studio, 128 px, 25 steps")
     for report, (latents, frames) in zip(result.sections, sim):
         assert report.skipped_steps == plan
         assert report.computed_steps == [i for i in range(25) if i not in plan]
@@ -261,7 +264,7 @@ def test_magcache_job(tiny: dict[str, mp.Models], tmp_path: pathlib.Path, varian
     assert len(steps) == 2 * 25 and steps[-1].percent == 100 and steps[0].percent == 4
     assert steps[0].preview.dtype == np.uint8 and steps[0].preview.shape == (height // 8, WINDOW * width // 8, 3)
     lines = result.summary_lines()
-    assert len(lines) >= 4 and "Section 2/2" in lines[2] and lines[3].startswith("Total: computed 24/50")
+    assert len(lines) >= 4 and "Section 2/2" in lines[2] and lines[3].startswith(f"Total: computed {2 * (25 - len(plan))}/50")
 
 
 def test_stop_mid_section_keeps_first_video(tiny: dict[str, mp.Models], tmp_path: pathlib.Path) -> None:
@@ -322,15 +325,19 @@ def test_calibration_profile_roundtrip(tiny: dict[str, mp.Models], tmp_path: pat
     path = pathlib.Path(calib.profile_path)
     assert path.parent == profiles and "framepack" in path.name and f"{steps}steps" in path.name
     profile = magcache_core.MagCacheProfile.load(path)
-    assert (profile.variant, profile.num_steps, profile.resolution) == ("framepack", steps, RES)
+    frame = calib.record["frame"]
+    n_frames, width, height = decode_mp4(calib.video_path)
+    assert (frame["width"], frame["height"]) == (width, height)
+    # the library's key: (height + width) / 2 of the frames
+    assert (profile.variant, profile.num_steps, profile.resolution) == ("framepack", steps, (width + height) // 2)
     assert profile.model == "tiny-random"                               # never mistaken for a real calibration
     assert profile.ratios == calib.calibration.ratios and len(profile.ratios) == steps
     assert any(abs(r - 1.0) > 1e-4 for r in profile.ratios[1:])        # measured, not a placeholder
 
     thresh, k = 0.3, 4
     expected = skipped_by_plan(profile.ratios, steps, thresh, k)
-    published = skipped_by_plan(magcache_core.FRAMEPACK_MAG_RATIOS, steps, thresh, k)
-    assert expected and expected != published, "the test needs a plan that tells the profile apart"
+    library = skipped_by_plan(library_plan_ratios("framepack", height, width, steps), steps, thresh, k)
+    assert expected and expected != library, "the test needs a plan that tells the profile apart"
     reuse = mp.run_job(models, test_image(), mp.JobSettings(prompt="a bird flies", total_second_length=1,
                                                             steps=steps, resolution=RES, magcache_thresh=thresh,
                                                             magcache_K=k, mag_ratios=str(path)),
