@@ -99,6 +99,20 @@ def run_section(transformer: Any, section: Section, steps: int = 25, cfg: float 
         device=torch.device("cpu"), dtype=torch.float32, callback=callback, **section.kwargs)
 
 
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A small start image file (PNG) with some structure, for CLI jobs."""
+    import numpy as np
+    from PIL import Image
+
+    x = np.zeros((72, 96, 3), np.uint8)
+    x[..., 0] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
+    x[20:50, 30:70, 2] = 220
+    path = tmp_path / "start.png"
+    Image.fromarray(x).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_transformer() -> torch.nn.Module:
     return build_transformer()

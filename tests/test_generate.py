@@ -11,18 +11,6 @@ import pytest
 import magcache_generate as gen
 
 
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    from PIL import Image
-
-    x = np.zeros((72, 96, 3), np.uint8)
-    x[..., 0] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
-    x[20:50, 30:70, 2] = 220
-    path = tmp_path / "start.png"
-    Image.fromarray(x).save(path)
-    return path
-
-
 def frame_count(path: Path) -> int:
     import av
 

@@ -27,18 +27,6 @@ from conftest import library_plan_ratios
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    from PIL import Image
-
-    x = np.zeros((80, 96, 3), np.uint8)
-    x[..., 1] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
-    x[10:60, 20:50, 0] = 200
-    path = tmp_path / "start.png"
-    Image.fromarray(x).save(path)
-    return path
-
-
 def frames(path: Path) -> np.ndarray:
     import av
 
