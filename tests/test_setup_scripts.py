@@ -135,3 +135,25 @@ def test_scripts_document_their_usage() -> None:
                           ("test.sh", ["--deps latest|pins", "--setup-only"])):
         res = run_script(script, "--help")
         assert res.returncode == 0 and all(w in res.stdout for w in words), (script, res.stdout)
+
+
+def test_venv_stamp_changes_exactly_when_an_input_changes(tmp_path: pathlib.Path) -> None:
+    """The reuse rule: same requirement files, pins and Python -> same stamp; any change -> another."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "setup_lib.sh").write_text((ROOT / "scripts" / "setup_lib.sh").read_text())
+    (tmp_path / "req.txt").write_text("numpy\n")
+    (tmp_path / "pins.txt").write_text("numpy==1.26.2\n")
+
+    def stamp(*args: str) -> str:
+        res = subprocess.run(["bash", "-c", 'source scripts/setup_lib.sh && pick_python && venv_stamp "$@"', "_", *args],
+                             cwd=tmp_path, env=script_env(PYTHON=sys.executable), capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    first = stamp("test-latest", "-r", "req.txt")
+    assert len(first) == 64 and stamp("test-latest", "-r", "req.txt") == first
+    assert stamp("test-pins", "-r", "req.txt") != first                        # another set
+    assert stamp("test-latest", "-r", "req.txt", "-c", "pins.txt") != first   # a constraint file more
+    (tmp_path / "req.txt").write_text("numpy\nray\n")
+    assert stamp("test-latest", "-r", "req.txt") != first                      # the file's content changed
