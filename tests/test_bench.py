@@ -253,7 +253,8 @@ def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.Captur
     Image.fromarray(x).save(img)
     out = tmp_path / "sweep"
     rc = bench.main(["sweep", "--image", str(img), "--prompt", "a red box", "--tiny", "--seconds", "1",
-                     "--steps", "8", "--no-presets", "--setting", "0.5,3,0.1", "--out", str(out), "--no-lpips", "--no-warmup"])
+                     "--steps", "8", "--no-presets", "--setting", "0.5,3,0.1", "--out", str(out), "--no-lpips", "--no-warmup",
+                     "--repeats", "2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "meaningless" in printed
@@ -266,6 +267,131 @@ def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.Captur
     assert cached["status"] == "done" and cached["total_steps"] == 8
     assert cached["computed_steps"] < 8                     # this setting does skip at 8 steps
     assert cached["psnr_mean"] is not None and cached["ssim_mean"] is not None
+    for r in rows:       # median of two runs = their mean
+        assert r["repeats"] == 2 and len(r["seconds_runs"]) == 2
+        assert r["seconds"] == pytest.approx(sum(r["seconds_runs"]) / 2)
+        assert r["sampling_seconds"] == pytest.approx(sum(r["sampling_seconds_runs"]) / 2)
     assert cached["speedup"] == pytest.approx(rows[0]["seconds"] / cached["seconds"])
     assert cached["sampling_speedup"] == pytest.approx(rows[0]["sampling_seconds"] / cached["sampling_seconds"])
+    assert cached["ideal_speedup"] == pytest.approx(8 / cached["computed_steps"])
+    assert cached["pct_of_ideal"] == pytest.approx(100 * cached["sampling_speedup"] * cached["computed_steps"] / 8)
     assert 0 < cached["sampling_seconds"] < cached["seconds"]
+    assert not list((out / "videos").glob("*/repeat2/*"))      # only the first round's videos are kept
+
+
+# Fake jobs with chosen timings: two sections of 25 steps each; per setting, the job and sampler
+# seconds of rounds 1, 2, 3, and the steps computed per section.
+FAKE = {
+    "off": dict(job=[10.0, 12.0, 30.0], sampling=[8.0, 9.0, 25.0], computed=25),
+    "A": dict(job=[5.0, 4.0, 6.0], sampling=[3.5, 3.0, 4.5], computed=10),
+    "B": dict(job=[2.0, 1.5, 2.5], sampling=[1.8, 1.0, 2.0], computed=5),
+}
+
+
+def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[bench.SweepRow], str, list[str]]:
+    import magcache_pipeline as pipeline
+    from PIL import Image
+
+    names = {None: "off", 0.1: "A", 0.2: "B"}
+    calls: list[str] = []
+
+    def run_job(models, image, job, outputs_dir):  # noqa: ANN001 - the pipeline's signature
+        name = names[None if job.cache == "off" else job.magcache_thresh]
+        n = sum(1 for c in calls if c == name)
+        calls.append(name)
+        f = FAKE[name]
+        video = Path(outputs_dir) / "job.mp4"
+        video.parent.mkdir(parents=True, exist_ok=True)
+        video.write_bytes(b"fake")
+        sections = [pipeline.SectionReport(index=i, total=2, computed_steps=list(range(f["computed"])),
+                                           skipped_steps=list(range(f["computed"], 25)), seconds=0.0,
+                                           video_path=str(video), frames=1, sampling_seconds=f["sampling"][n] / 2)
+                    for i in range(2)]
+        return pipeline.JobResult(status="done", message="ok", video_path=str(video), sections=sections,
+                                  seconds=f["job"][n])
+
+    monkeypatch.setattr(pipeline, "load_models", lambda variant, tiny: None)
+    monkeypatch.setattr(pipeline, "run_job", run_job)
+    monkeypatch.setattr(bench, "compare_videos", lambda ref, other, use_lpips: {
+        "psnr": {"mean": 30.0, "min": 25.0}, "ssim": {"mean": 0.9, "min": 0.8}, "lpips": None})
+    img = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    settings = [bench.SpeedSetting("off"), bench.SpeedSetting("A", (0.1, 3, 0.2)), bench.SpeedSetting("B", (0.2, 3, 0.2))]
+    rows, md = bench.run_sweep(str(img), "p", settings, tmp_path / "out", warmup=False, repeats=3)
+    return rows, md, calls
+
+
+def table_cells(md: str, setting: str) -> list[str]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| {setting} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_sweep_medians_and_percent_of_ideal_from_fake_timings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, md, calls = fake_sweep(tmp_path, monkeypatch)
+    # interleaved rounds, each starting one setting later
+    assert calls == ["off", "A", "B", "A", "B", "off", "B", "off", "A"]
+    by = {r.setting: r for r in rows}
+    # medians by hand: off 12 / 9, A 5 / 3.5, B 2 / 1.8
+    assert (by["off"].seconds, by["off"].sampling_seconds) == (12.0, 9.0)
+    assert (by["A"].seconds, by["A"].sampling_seconds) == (5.0, 3.5)
+    assert (by["B"].seconds, by["B"].sampling_seconds) == (2.0, 1.8)
+    assert by["A"].seconds_runs == [5.0, 4.0, 6.0] and by["A"].repeats == 3
+    # ideal = 50 steps / computed steps; % of ideal from the sampler speed-up
+    assert by["A"].ideal_speedup == pytest.approx(50 / 20) and by["B"].ideal_speedup == pytest.approx(50 / 10)
+    assert by["A"].speedup == pytest.approx(12 / 5) and by["A"].sampling_speedup == pytest.approx(9 / 3.5)
+    assert by["A"].pct_of_ideal == pytest.approx(100 * (9 / 3.5) / 2.5)
+    assert by["B"].speedup == pytest.approx(6.0) and by["B"].pct_of_ideal == pytest.approx(100 * 5.0 / 5.0)
+    assert by["off"].pct_of_ideal == pytest.approx(100.0)
+
+    off, a, b = table_cells(md, "off"), table_cells(md, "A"), table_cells(md, "B")
+    assert off[1:7] == ["12.00", "1.00x", "9.00", "1.00x", "1.00x", "100.0%"]
+    # A: job 2.40x is below its ideal 2.50x; the sampler's 2.57x is above it: noise
+    assert a[1:3] == ["5.00", "2.40x"] and a[4].startswith("2.57x") and "noise" in a[4]
+    assert a[5:8] == ["2.50x", "102.9%", "20/50"]
+    # B: job 6.00x against an ideal of 5.00x is noise; the sampler's 5.00x equals the ideal, so it is not
+    assert b[2].startswith("6.00x") and "noise" in b[2] and b[4] == "5.00x" and b[6] == "100.0%"
+    assert "rerun with more --repeats" in md
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [r["seconds"] for r in saved] == [12.0, 5.0, 2.0]
+    # the first round's videos are kept (and scored), later rounds' deleted
+    assert (tmp_path / "out" / "videos" / "A" / "job.mp4").exists()
+    assert not (tmp_path / "out" / "videos" / "A" / "repeat2").exists()
+
+
+def test_sweep_without_noise_has_no_noise_note() -> None:
+    row = bench.SweepRow(setting="A", seconds=5.0, sampling_seconds=4.0, speedup=2.0, sampling_speedup=2.2,
+                         computed_steps=10, total_steps=25, video=None, status="done", ideal_speedup=2.5,
+                         pct_of_ideal=88.0)
+    md = bench.sweep_table([row])
+    assert "noise" not in md and table_cells(md, "A")[6] == "88.0%"
+
+
+def test_sweep_repeats_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["sweep", "--image", str(tmp_path / "x.png"), "--repeats", "0"])
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_sweep(str(tmp_path / "x.png"), "", [bench.SpeedSetting("off")], tmp_path, repeats=0)
+
+
+def test_sweep_chart_title_fits_the_figure() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    title = ("MagCache sweep: framepack, 5 s video, 25 steps, seed 31337, real models, CRF 0, median of 3 "
+             "interleaved runs; quality vs the uncached video\n(tiny: numbers meaningless)")
+    rows = [bench.SweepRow(setting="E015K4R02", seconds=4.0, sampling_seconds=3.0, speedup=2.2, sampling_speedup=2.2,
+                           computed_steps=11, total_steps=25, video=None, status="done", ideal_speedup=25 / 11,
+                           psnr_mean=31.0)]
+
+    def title_inside(fig) -> bool:  # noqa: ANN001 - a matplotlib Figure
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        box = fig.axes[0].title.get_window_extent(canvas.get_renderer())
+        return box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+
+    fig = bench.sweep_figure(rows, title)
+    assert title_inside(fig)
+    # every word of the title is drawn
+    assert fig.axes[0].get_title().split() == title.split()
+    # the check can fail: the same title on one line does not fit this figure
+    fig.axes[0].set_title(title.replace("\n", " "), fontsize=9)
+    assert not title_inside(fig)
