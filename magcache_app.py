@@ -59,6 +59,7 @@ import pathlib
 import queue
 import re
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -74,7 +75,8 @@ logger = logging.getLogger(__name__)
 
 APP_DIR = pathlib.Path(__file__).resolve().parent
 
-PUBLISHED = "published"          # profile-dropdown value of the variant's published ratios
+LIBRARY = "library"              # profile-dropdown value of the ratio library (a table per job)
+PUBLISHED = "published"          # the value older clients send for the same thing
 CUSTOM_PRESET = "Custom"
 CACHE_CHOICES: list[tuple[str, str]] = [("MagCache", "magcache"), ("TeaCache", "teacache"), ("Off", "off")]
 CACHE_LABELS = {value: label for label, value in CACHE_CHOICES}
@@ -152,13 +154,13 @@ class SkipPlan:
 
 
 def skip_plan(mag_ratios: Sequence[float], steps: int, magcache_thresh: float, magcache_K: int,
-              retention_ratio: float, cfg: float = 1.0) -> SkipPlan:
+              retention_ratio: float, cfg: float = 1.0, resample: str = "magnitude") -> SkipPlan:
     """The plan a MagCache job with these settings runs in every section.
 
     Only :func:`magcache_core.skip_schedule` decides; this adds the CFG branch count.
     """
     plan = magcache_core.skip_schedule(mag_ratios, int(steps), float(magcache_thresh),
-                                       int(round(float(magcache_K))), float(retention_ratio))
+                                       int(round(float(magcache_K))), float(retention_ratio), resample)
     return SkipPlan(tuple(plan), branches=2 if float(cfg) > 1.0 else 1)
 
 
@@ -201,20 +203,27 @@ _PROFILE_NAME = re.compile(r"^[\w][\w.\-]*\.json$")
 class ProfileCatalog:
     """The calibration tables one app offers.
 
-    The variant's published ratios, every ``*.json`` in the profiles folder and
-    the file given with ``--mag-ratios``.  A profile is named by its file name
-    (in the folder) or its full path (the ``--mag-ratios`` file only); any other
-    name is refused, so a client cannot make the server read arbitrary files.
+    The ratio library (a calibrated table for each job's resolution and step
+    count, see :func:`magcache_core.library_ratios`), every usable ``*.json`` in
+    the profiles folder and the file given with ``--mag-ratios``.  Usable means
+    calibrated for this app's variant and model; the others are left out and
+    counted (:meth:`left_out`).  A profile is named by its file name (in the
+    folder) or its full path (the ``--mag-ratios`` file only); any other name is
+    refused, so a client cannot make the server read arbitrary files.
+    ``resolution`` is the frames' (height + width) / 2 a job of this app gets,
+    which picks the library's table.
     """
 
     def __init__(self, variant: str, profiles_dir: str | os.PathLike[str],
-                 extra: str | os.PathLike[str] | None = None, model: str | None = None) -> None:
+                 extra: str | os.PathLike[str] | None = None, model: str | None = None,
+                 resolution: float = 640) -> None:
         if variant not in magcache_core.VARIANT_MAG_RATIOS:
             raise ValueError(f"variant {variant!r}: must be one of {', '.join(magcache_core.VARIANT_MAG_RATIOS)}")
         self.variant = variant
         self.profiles_dir = pathlib.Path(profiles_dir).resolve()
         self.extra = pathlib.Path(extra).resolve() if extra else None
         self.model = model   # refuse profiles measured on another model (tiny random vs real weights)
+        self.resolution = resolution
 
     def choice_for(self, path: str | os.PathLike[str]) -> str:
         """The dropdown value naming this profile file."""
@@ -223,25 +232,62 @@ class ProfileCatalog:
             return path.name
         return str(path)
 
-    def choices(self) -> list[tuple[str, str]]:
-        out = [(f"Published ratios ({self.variant})", PUBLISHED)]
+    def _scan(self) -> tuple[list[tuple[pathlib.Path, magcache_core.MagCacheProfile]], dict[str, int]]:
+        """(usable profiles, {reason: count} of the files left out)."""
         paths = sorted(self.profiles_dir.glob("*.json")) if self.profiles_dir.is_dir() else []
         if self.extra is not None and self.extra not in paths:
             paths.append(self.extra)
+        usable: list[tuple[pathlib.Path, magcache_core.MagCacheProfile]] = []
+        left: dict[str, int] = {}
         for path in paths:
-            out.append((self._label(path), self.choice_for(path)))
-        return out
+            try:
+                prof = magcache_core.MagCacheProfile.load(path)
+            except ValueError:
+                left["not a readable profile"] = left.get("not a readable profile", 0) + 1
+                continue
+            if prof.variant != self.variant:
+                reason = f"calibrated for {prof.variant}"
+            elif self.model is not None and prof.model is not None and prof.model != self.model:
+                reason = f"measured on {prof.model}"
+            else:
+                usable.append((path, prof))
+                continue
+            left[reason] = left.get(reason, 0) + 1
+        return usable, left
 
-    def _label(self, path: pathlib.Path) -> str:
-        try:
-            prof = magcache_core.MagCacheProfile.load(path)
-        except ValueError:
-            return f"{path.name} (unreadable)"
-        return f"{path.name} ({prof.variant}, {prof.num_steps} steps, {prof.created})"
+    def choices(self, steps: int | None = None) -> list[tuple[str, str]]:
+        """Dropdown entries: profiles made for a job like this one (resolution, steps) first, then the library."""
+        usable, _ = self._scan()
+
+        def fits(prof: magcache_core.MagCacheProfile) -> bool:
+            near = magcache_core.pick_ratio_table(self.variant, self.resolution, prof.num_steps).resolution
+            return prof.num_steps == steps and prof.resolution is not None and \
+                magcache_core.pick_ratio_table(self.variant, prof.resolution, prof.num_steps).resolution == near
+
+        first = [(f"{path.name} (made for this job: {self._describe(prof)})", self.choice_for(path))
+                 for path, prof in usable if steps is not None and fits(prof)]
+        rest = [(f"{path.name} ({self._describe(prof)})", self.choice_for(path))
+                for path, prof in usable if not (steps is not None and fits(prof))]
+        return first + [(f"Ratio library ({self.variant}: the table for each job's resolution and steps)",
+                         LIBRARY)] + rest
+
+    @staticmethod
+    def _describe(prof: magcache_core.MagCacheProfile) -> str:
+        where = f"{prof.resolution} px, " if prof.resolution else ""
+        return f"{where}{prof.num_steps} steps, {prof.created}"
+
+    def left_out(self) -> str:
+        """A line saying how many files in the profiles folder are not offered, and why ("" if none)."""
+        _, left = self._scan()
+        if not left:
+            return ""
+        total = sum(left.values())
+        why = "; ".join(f"{n} {reason}" for reason, n in sorted(left.items()))
+        return f"{total} file(s) in {self.profiles_dir.name}/ left out, not usable by this app: {why}."
 
     def path_for(self, choice: str | None) -> pathlib.Path | None:
-        """The file behind a dropdown value; None for the published ratios."""
-        if choice in (None, "", PUBLISHED):
+        """The file behind a dropdown value; None for the ratio library."""
+        if choice in (None, "", LIBRARY, PUBLISHED):
             return None
         choice = str(choice)
         if self.extra is not None and choice in (str(self.extra), self.extra.name):
@@ -250,43 +296,49 @@ class ProfileCatalog:
             path = self.profiles_dir / choice
             if path.is_file():
                 return path
-        raise ValueError(f"unknown calibration profile {choice!r}: choose {PUBLISHED!r} or a profile "
+        raise ValueError(f"unknown calibration profile {choice!r}: choose {LIBRARY!r} or a profile "
                          f"file in {self.profiles_dir}")
 
-    def load(self, choice: str | None) -> tuple[list[float], magcache_core.MagCacheProfile | None]:
-        """(ratios, profile) for a dropdown value; ValueError saying why a profile is refused."""
+    def load(self, choice: str | None) -> magcache_core.MagCacheProfile | None:
+        """The profile behind a dropdown value (None: the library); ValueError saying why one is refused."""
         path = self.path_for(choice)
         if path is None:
-            return list(magcache_core.VARIANT_MAG_RATIOS[self.variant]), None
+            return None
         profile = magcache_core.MagCacheProfile.load(path)
         try:
             profile.check(self.variant, self.model)
         except ValueError as exc:
             raise ValueError(f"{path.name}: {exc}") from None
-        return list(profile.ratios), profile
+        return profile
+
+    def table(self, choice: str | None, steps: int, resample: str = "magnitude") -> tuple[list[float], str]:
+        """(ratios, where they come from) that a job of ``steps`` plans from with this choice."""
+        profile = self.load(choice)
+        if profile is None:
+            return magcache_core.library_ratios(self.variant, self.resolution, int(steps), resample)
+        return list(profile.ratios), f"your profile {self.choice_for(self.path_for(choice))}"
 
 
 def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str, str, str, str | None]:
     """What selecting a calibration table shows: (dropdown value, status text, chart, warning or None).
 
     A refused profile (unreadable, or calibrated for the other variant) puts the
-    dropdown back on the published ratios and says why.
+    dropdown back on the ratio library and says why, once.
     """
     try:
-        _, prof = catalog.load(choice)
+        prof = catalog.load(choice)
     except ValueError as exc:
-        warning = f"Calibration profile refused: {exc}"
-        return (PUBLISHED, f"**Refused:** {exc}. Using the published {catalog.variant} ratios.",
-                ratios_chart_html(catalog, PUBLISHED), warning)
+        return (LIBRARY, f"**Refused:** {exc}. Using the ratio library.",
+                ratios_chart_html(catalog, LIBRARY), f"Calibration profile refused: {exc}")
     note = ("" if prof is None else
             f"Using profile {choice}: {prof.num_steps} steps, {prof.runs} run(s), created {prof.created}.")
-    return str(choice or PUBLISHED), note, ratios_chart_html(catalog, choice), None
+    return str(choice or LIBRARY), note, ratios_chart_html(catalog, choice), None
 
 
 def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_thresh: float,
                     magcache_K: float, retention_ratio: float, profile_choice: str | None,
-                    calibrate: bool, cfg: float = 1.0) -> str:
-    """The live skip-plan panel for the current settings (never raises)."""
+                    calibrate: bool, cfg: float = 1.0, resample: str = "magnitude") -> str:
+    """The live skip-plan panel for the current settings, and the table it comes from (never raises)."""
     if cache == "teacache":
         return _message_html("TeaCache decides while it runs which steps to skip, so no MagCache plan "
                              "applies; choose MagCache to see one.")
@@ -296,11 +348,14 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
         return _message_html(f"Calibration run: all {int(steps)} steps are computed (nothing skipped) while "
                              "the magnitude ratios are measured.")
     try:
-        ratios, _ = catalog.load(profile_choice)
-        plan = skip_plan(ratios, int(steps), magcache_thresh, magcache_K, retention_ratio, cfg)
+        ratios, source = catalog.table(profile_choice, int(steps), resample)
+        plan = skip_plan(ratios, int(steps), magcache_thresh, magcache_K, retention_ratio, cfg, resample)
     except ValueError as exc:
         return _message_html(f"No plan: {exc}")
-    return skip_plan_html(plan)
+    why = ("chosen by you" if catalog.path_for(profile_choice) is not None else
+           f"the library's nearest calibration to this app's {catalog.resolution:g} px frames and {int(steps)} steps")
+    return skip_plan_html(plan) + (f'<div class="mc-table" style="font-size:12px;margin-top:2px">'
+                                   f'Ratio table: {html.escape(source)} ({html.escape(why)}).</div>')
 
 
 def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: str,
@@ -309,7 +364,8 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
     series = [(name, [float(v) for v in values], color) for name, values, color in series if values]
     if not series:
         return ""
-    left, right, top, bottom = 44, 10, 26, 30
+    title_lines = textwrap.wrap(title, width=max(20, (width - 20) // 6)) or [""]   # ~6 px per character
+    left, right, top, bottom = 44, 10, 12 + 14 * len(title_lines), 30
     lo = min(min(v) for _, v, _ in series)
     hi = max(max(v) for _, v, _ in series)
     pad = max((hi - lo) * 0.08, 0.01)
@@ -325,7 +381,8 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
              f'style="max-width:{width}px;font:11px sans-serif" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text>',
+             *(f'<text x="4" y="{14 + 14 * i}" font-weight="bold">{html.escape(line)}</text>'
+               for i, line in enumerate(title_lines)),
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#9ca3af"/>']
     for k in range(5):
         v = lo + (hi - lo) * k / 4
@@ -342,7 +399,7 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
         scale = (n_max - 1) / (len(values) - 1) if len(values) > 1 else 0.0
         pts = " ".join(f"{x(i * scale):.1f},{y(v):.1f}" for i, v in enumerate(values))
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        lx = left + plot_w - 150
+        lx = left + 8
         ly = top + 14 + 14 * k
         parts.append(f'<line x1="{lx}" x2="{lx + 16}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="2"/>'
                      f'<text x="{lx + 20}" y="{ly}">{html.escape(name)}</text>')
@@ -350,19 +407,76 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
     return "".join(parts)
 
 
-def ratios_chart_html(catalog: ProfileCatalog, profile_choice: str | None) -> str:
-    """Chart of the calibration table in use, next to the published one."""
+def ratios_chart_html(catalog: ProfileCatalog, profile_choice: str | None, steps: int = 25,
+                      resample: str = "magnitude") -> str:
+    """Chart of the ratio table in use, next to the published one."""
     published = list(magcache_core.VARIANT_MAG_RATIOS[catalog.variant])
     try:
-        ratios, profile = catalog.load(profile_choice)
+        ratios, source = catalog.table(profile_choice, steps, resample)
     except ValueError:
-        ratios, profile = published, None
-    series = [(f"published ({catalog.variant})", published, "#9ca3af")]
-    title = f"Magnitude ratios in use: published {catalog.variant} table"
-    if profile is not None:
-        series.append((f"profile ({profile.num_steps} steps)", ratios, "#dc2626"))
-        title = f"Magnitude ratios in use: {catalog.choice_for(catalog.path_for(profile_choice))}"
-    return ratios_chart_svg(series, title)
+        ratios, source = catalog.table(LIBRARY, steps, resample)
+    series = [(f"published ({catalog.variant}, 25 steps)", published, "#9ca3af"),
+              ("in use", ratios, "#dc2626")]
+    return ratios_chart_svg(series, f"Ratios in use: {source}")
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"``."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def eta_seconds(skipped: Sequence[bool], sections_total: int, section: int, steps_done: int,
+                seconds_per_computed_step: float, seconds_per_section_overhead: float) -> float:
+    """Seconds left in a job whose plan is known.
+
+    A skipped step costs next to nothing, so only the computed steps still to
+    come count: those after ``steps_done`` in the current section and every
+    computed step of the sections after it, each at the measured seconds per
+    computed step, plus the measured per-section overhead (decode, MP4) for the
+    current and every later section.
+    """
+    per_section = sum(1 for s in skipped if not s)
+    left_here = sum(1 for s in skipped[steps_done:] if not s)
+    later = max(0, sections_total - section - 1)
+    return ((left_here + later * per_section) * seconds_per_computed_step
+            + (later + 1) * seconds_per_section_overhead)
+
+
+class StepClock:
+    """Measures seconds per computed step and per-section overhead from a job's progress events."""
+
+    def __init__(self, skipped: Sequence[bool], sections_total: int, started: float) -> None:
+        self.skipped = list(skipped)
+        self.sections_total = sections_total
+        self.started = started
+        self.last: float | None = None
+        self.computed_seconds = 0.0
+        self.computed_steps = 0
+        self.overheads: list[float] = []
+
+    def step(self, update: Any) -> None:
+        """A sampling step finished (``update.step`` >= 1): time it if it ran the transformer."""
+        if self.last is not None and update.step >= 2 and not self.skipped[update.step - 1]:
+            self.computed_seconds += update.time - self.last
+            self.computed_steps += 1
+        self.last = update.time
+
+    def section(self, report: Any) -> None:
+        self.overheads.append(max(0.0, report.seconds - report.sampling_seconds))
+        self.last = None
+
+    def label(self, update: Any, now: float) -> str:
+        """``"elapsed 0:42, about 1:10 left"`` (no ETA until a computed step has been timed)."""
+        text = f"elapsed {format_duration(now - self.started)}"
+        if self.computed_steps:
+            overhead = sum(self.overheads) / len(self.overheads) if self.overheads else 0.0
+            eta = eta_seconds(self.skipped, self.sections_total, update.section, update.step,
+                              self.computed_seconds / self.computed_steps, overhead)
+            text += f", about {format_duration(eta)} left"
+        return text
 
 
 def progress_html(percent: float, label: str) -> str:
@@ -387,14 +501,17 @@ def section_dict(section: Any) -> dict[str, Any]:
 
 
 def job_report(result: Any | None, sections: Sequence[Any], *, status: str, message: str,
-               settings: Any | None, variant: str, profile_choice: str | None) -> dict[str, Any]:
+               settings: Any | None, variant: str, profile_choice: str | None,
+               plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The machine-readable job report shown in the UI and returned to API clients.
 
     ``sections[i]["skipped_steps"]`` are the step indices (from 0) that MagCache
     skipped in the i-th section generated; ``status`` is "running", "done",
-    "stopped" or "error" and ``message`` says why.
+    "stopped" or "error" and ``message`` says why.  ``settings`` are the values
+    the job ran with (after clamping into the limits) and ``plan`` the skip plan
+    and ratio table it planned from.
     """
-    fields = ("cache", "steps", "magcache_thresh", "magcache_K", "retention_ratio", "calibrate")
+    fields = ("cache", "steps", "magcache_thresh", "magcache_K", "retention_ratio", "calibrate", "resample")
     report: dict[str, Any] = {
         "status": status,
         "message": message,
@@ -402,7 +519,9 @@ def job_report(result: Any | None, sections: Sequence[Any], *, status: str, mess
         "video": None,
         "seconds": None,
         **{name: getattr(settings, name, None) for name in fields},
-        "mag_ratios": profile_choice or PUBLISHED,
+        "mag_ratios": profile_choice or LIBRARY,
+        "settings": dataclasses.asdict(settings) if settings is not None else None,
+        "plan": plan,
         "sections": [section_dict(s) for s in sections],
         "profile": None,
         "summary": [],
@@ -424,6 +543,44 @@ def video_path_from_output(value: Any) -> str | None:
         if isinstance(value, dict):   # a FileData dict
             value = value.get("path")
     return str(value) if value else None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableImage:
+    """What the image input hands the job when the uploaded file is not an image it can decode."""
+
+    name: str
+
+    @property
+    def message(self) -> str:
+        import magcache_pipeline
+
+        return f"{self.name} is not a readable image: use a {magcache_pipeline.IMAGE_FORMATS} file."
+
+
+def checked_image(component: Any) -> Any:
+    """Make this image input hand the job an :class:`UnreadableImage` when an upload cannot be decoded.
+
+    Gradio decodes an upload before the event function runs; a text file named
+    .png then fails inside Gradio with an opaque error and a traceback.  This
+    wraps the one instance's ``preprocess`` (a subclass would make Gradio 5
+    write a stub file beside this module) so the job can say what is wrong.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    decode = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            name = getattr(payload, "orig_name", None) or pathlib.Path(str(getattr(payload, "path", "") or
+                                                                           "the upload")).name
+            logger.info("upload %s is not a readable image", name)
+            return UnreadableImage(name)
+
+    component.preprocess = preprocess
+    return component
 
 
 # ---------------------------------------------------------------------------
@@ -548,18 +705,28 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     tiny = bool(getattr(models, "tiny", False)) if tiny is None else tiny
     outputs_dir = str(pathlib.Path(outputs_dir).resolve())
     profiles_dir = str(pathlib.Path(profiles_dir).resolve())
+    defaults = magcache_pipeline.JobSettings(prompt="")
+    # a job's frames are a bucket of this resolution: (height + width) / 2 stays within a bucket's
+    # rounding of it, so it picks the same library table as the job will (tests check the two agree)
     catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
-                             model=magcache_pipeline.model_id(variant, tiny))
-    initial_profile = PUBLISHED
+                             model=magcache_pipeline.model_id(variant, tiny),
+                             resolution=magcache_pipeline.job_resolution(models, defaults) if models is not None
+                             else defaults.resolution)
+    initial_profile = LIBRARY
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
         catalog.load(initial_profile)           # refuse a bad --mag-ratios file now, not mid-job
     gpu_lock = threading.Lock()
     d_thresh, d_k, d_retention = preset_values(magcache_core.DEFAULT_PRESET)
-    defaults = magcache_pipeline.JobSettings(prompt="")
+    limits = magcache_pipeline.LIMITS
 
-    def plan(cache, steps, thresh, k, retention, profile, calibrate, cfg):
-        return plan_panel_html(catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg)
+    def bounds(name: str) -> dict[str, Any]:
+        """A slider's minimum, maximum and step: the pipeline's limits, the same the API and CLI use."""
+        limit = limits[name]
+        return {"minimum": limit.low, "maximum": limit.high, "step": limit.step}
+
+    def plan(cache, steps, thresh, k, retention, profile, calibrate, cfg, resample="magnitude"):
+        return plan_panel_html(catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample)
 
     with gr.Blocks(title=f"{spec.title} + MagCache", analytics_enabled=False) as demo:
         session = gr.State(SessionJobs())
@@ -571,8 +738,8 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 "run without `--tiny` on an NVIDIA GPU for real videos.", elem_id="tiny-banner")
         with gr.Row():
             with gr.Column():
-                input_image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320,
-                                       elem_id="input-image")
+                input_image = checked_image(gr.Image(sources=["upload"], type="numpy", label="Image", height=320,
+                                                     elem_id="input-image"))
                 prompt = gr.Textbox(label="Prompt", value="", elem_id="prompt")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick List",
                                    samples_per_page=1000, components=[prompt])
@@ -589,52 +756,58 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                                       value=magcache_core.DEFAULT_PRESET, label="MagCache preset",
                                       info="E = error threshold, K = max skips in a row, R = retention.",
                                       elem_id="preset")
-                    magcache_thresh = gr.Slider(label="MagCache threshold", minimum=0.0, maximum=1.0,
-                                                value=d_thresh, step=0.005, info=HELP["thresh"],
-                                                elem_id="magcache-thresh")
-                    magcache_K = gr.Slider(label="MagCache K", minimum=1, maximum=5, value=d_k, step=1,
-                                           info=HELP["K"], elem_id="magcache-k")
-                    # retention must stay below 1 (1 would mean "compute every step": use Cache Off)
-                    retention_ratio = gr.Slider(label="Retention ratio", minimum=0.0, maximum=0.99,
-                                                value=d_retention, step=0.01, info=HELP["retention"],
-                                                elem_id="retention")
+                    magcache_thresh = gr.Slider(label="MagCache threshold", value=d_thresh, info=HELP["thresh"],
+                                                elem_id="magcache-thresh", **bounds("magcache_thresh"))
+                    magcache_K = gr.Slider(label="MagCache K", value=d_k, info=HELP["K"], elem_id="magcache-k",
+                                           **bounds("magcache_K"))
+                    # retention stays below 1 (1 would mean "compute every step": use Cache Off)
+                    retention_ratio = gr.Slider(label="Retention ratio", value=d_retention, info=HELP["retention"],
+                                                elem_id="retention", **bounds("retention_ratio"))
                     plan_view = gr.HTML(
                         plan("magcache", defaults.steps, d_thresh, d_k, d_retention, initial_profile, False,
                              defaults.cfg),
                         label="Skip plan", elem_id="skip-plan")
-                    profile = gr.Dropdown(choices=catalog.choices(), value=initial_profile,
+                    profile = gr.Dropdown(choices=catalog.choices(defaults.steps), value=initial_profile,
                                           label="Calibration table (magnitude ratios)", allow_custom_value=True,
-                                          info="The variant's published ratios, or a profile saved by a "
-                                               "calibration run.", elem_id="profile")
-                    profile_status = gr.Markdown("", elem_id="profile-status")
+                                          info="The ratio library (a calibrated table for the job's resolution "
+                                               "and steps), or a profile saved by a calibration run.",
+                                          elem_id="profile")
+                    profile_status = gr.Markdown(catalog.left_out(), elem_id="profile-status")
                     calibrate = gr.Checkbox(value=False, label="Calibrate (measure this model's ratios)",
                                             info="Runs every step (nothing skipped), then saves the averaged "
                                                  "ratios as a profile you can select above.",
                                             elem_id="calibrate")
 
                 n_prompt = gr.Textbox(label="Negative Prompt", value=defaults.n_prompt, visible=False)
-                seed = gr.Number(label="Seed", value=defaults.seed, precision=0)
-                total_second_length = gr.Slider(label="Total Video Length (Seconds)", minimum=1, maximum=120,
-                                                value=defaults.total_second_length, step=0.1,
-                                                elem_id="total-length")
-                latent_window_size = gr.Slider(label="Latent Window Size", minimum=1, maximum=33,
-                                               value=defaults.latent_window_size, step=1, visible=False)
-                steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=defaults.steps, step=1,
+                seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed")
+                total_second_length = gr.Slider(label="Total Video Length (Seconds)",
+                                                value=defaults.total_second_length, elem_id="total-length",
+                                                **bounds("total_second_length"))
+                latent_window_size = gr.Slider(label="Latent Window Size", value=defaults.latent_window_size,
+                                               visible=False, **bounds("latent_window_size"))
+                steps = gr.Slider(label="Steps", value=defaults.steps,
                                   info="FramePack's default is 25; the skip plan follows this value.",
-                                  elem_id="steps")
-                cfg = gr.Slider(label="CFG Scale", minimum=1.0, maximum=32.0, value=defaults.cfg, step=0.01,
-                                info=HELP["cfg"], elem_id="cfg")
-                gs = gr.Slider(label="Distilled CFG Scale", minimum=1.0, maximum=32.0, value=defaults.gs,
-                               step=0.01, info="FramePack's default is 10; changing it is rarely useful.")
-                rs = gr.Slider(label="CFG Re-Scale", minimum=0.0, maximum=1.0, value=defaults.rs, step=0.01,
-                               visible=False)
+                                  elem_id="steps", **bounds("steps"))
+                cfg = gr.Slider(label="CFG Scale", value=defaults.cfg, info=HELP["cfg"], elem_id="cfg",
+                                **bounds("cfg"))
+                gs = gr.Slider(label="Distilled CFG Scale", value=defaults.gs,
+                               info="FramePack's default is 10; changing it is rarely useful.", **bounds("gs"))
+                rs = gr.Slider(label="CFG Re-Scale", value=defaults.rs, visible=False, **bounds("rs"))
                 gpu_memory_preservation = gr.Slider(
-                    label="GPU Inference Preserved Memory (GB) (larger means slower)", minimum=6, maximum=128,
-                    value=defaults.gpu_memory_preservation, step=0.1,
-                    info="Raise it if you run out of GPU memory; jobs get slower.")
-                mp4_crf = gr.Slider(label="MP4 Compression", minimum=0, maximum=51, value=defaults.mp4_crf,
-                                    step=1, info="Lower is better quality; 0 is lossless. Try 16 if a video "
-                                                 "comes out black.")
+                    label="GPU Inference Preserved Memory (GB) (larger means slower)",
+                    value=defaults.gpu_memory_preservation,
+                    info="Raise it if you run out of GPU memory; jobs get slower.",
+                    **bounds("gpu_memory_preservation"))
+                mp4_crf = gr.Slider(label="MP4 Compression", value=defaults.mp4_crf,
+                                    info="Lower is better quality; 0 is lossless. Try 16 if a video "
+                                         "comes out black.", **bounds("mp4_crf"))
+                with gr.Accordion("Advanced", open=False):
+                    resample = gr.Radio(
+                        choices=[("Magnitude (keeps the table's total change)", "magnitude"),
+                                 ("Nearest (the MagCache reference's stretch)", "nearest")],
+                        value=defaults.resample, label="Fit a ratio table to another step count",
+                        info="Used when the table in use was calibrated for another number of steps.",
+                        elem_id="resample")
 
             with gr.Column():
                 preview = gr.Image(label="Next Latents", height=200, visible=False, elem_id="preview")
@@ -656,7 +829,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
         quick.click(lambda sample: sample[0], inputs=[quick], outputs=prompt, show_progress="hidden",
                     queue=False, **_hidden_api())
 
-        plan_inputs = [cache, steps, magcache_thresh, magcache_K, retention_ratio, profile, calibrate, cfg]
+        plan_inputs = [cache, steps, magcache_thresh, magcache_K, retention_ratio, profile, calibrate, cfg, resample]
         for control in plan_inputs:
             control.change(plan, inputs=plan_inputs, outputs=plan_view, show_progress="hidden", queue=False,
                            trigger_mode="always_last", **_hidden_api())
@@ -673,14 +846,20 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
             slider.input(preset_for, inputs=[magcache_thresh, magcache_K, retention_ratio], outputs=preset,
                          show_progress="hidden", queue=False, **_hidden_api())
 
-        def select_profile(choice):
-            value, note, chart, warning = profile_selection(catalog, choice)
+        def select_profile(choice, steps, resample):
+            value, note, _, warning = profile_selection(catalog, choice)
             if warning:
-                gr.Warning(warning)
-            return value, note, chart
+                logger.info("%s", warning)     # shown once, in the status line under the dropdown
+            left = catalog.left_out()
+            return value, "\n\n".join(x for x in (note, left) if x), ratios_chart_html(catalog, value, steps, resample)
 
-        profile.input(select_profile, inputs=profile, outputs=[profile, profile_status, ratios_chart],
+        profile.input(select_profile, inputs=[profile, steps, resample],
+                      outputs=[profile, profile_status, ratios_chart],
                       show_progress="hidden", concurrency_limit=None, **_hidden_api())
+        for control in (steps, resample):
+            control.change(lambda choice, n, mode: ratios_chart_html(catalog, choice, n, mode),
+                           inputs=[profile, steps, resample], outputs=ratios_chart, show_progress="hidden",
+                           queue=False, trigger_mode="always_last", **_hidden_api())
 
         # -- the job -------------------------------------------------------------------------------
         def generate(input_image, prompt, n_prompt=defaults.n_prompt, seed=defaults.seed,
@@ -688,25 +867,30 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                      latent_window_size=defaults.latent_window_size, steps=defaults.steps, cfg=defaults.cfg,
                      gs=defaults.gs, rs=defaults.rs, gpu_memory_preservation=defaults.gpu_memory_preservation,
                      cache="magcache", magcache_thresh=d_thresh, magcache_K=d_k, retention_ratio=d_retention,
-                     mag_ratios=initial_profile, calibrate=False, mp4_crf=defaults.mp4_crf, session=None):
+                     mag_ratios=initial_profile, calibrate=False, mp4_crf=defaults.mp4_crf,
+                     resample=defaults.resample, session=None):
             settings = None
             try:
                 profile_path = catalog.path_for(mag_ratios)
+                # what a UI or API client typed is moved into the limits: the job, the page and the
+                # report then all show the values that really ran
                 settings = magcache_pipeline.JobSettings(
-                    prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), seed=int(seed),
+                    prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), seed=int(float(seed)),
                     total_second_length=float(total_second_length),
-                    latent_window_size=int(latent_window_size), steps=int(steps), cfg=float(cfg),
+                    latent_window_size=float(latent_window_size), steps=float(steps), cfg=float(cfg),
                     gs=float(gs), rs=float(rs), gpu_memory_preservation=float(gpu_memory_preservation),
                     cache=str(cache), magcache_thresh=float(magcache_thresh),
-                    magcache_K=int(round(float(magcache_K))), retention_ratio=float(retention_ratio),
+                    magcache_K=float(magcache_K), retention_ratio=float(retention_ratio),
                     mag_ratios=str(profile_path) if profile_path else None, calibrate=bool(calibrate),
-                    mp4_crf=int(mp4_crf))
+                    mp4_crf=float(mp4_crf), resample=str(resample)).clamped()
+                if isinstance(input_image, UnreadableImage):
+                    raise ValueError(input_image.message)
                 if input_image is None:
                     raise ValueError("No input image: upload a picture, then press Start.")
                 settings.validate()
                 if profile_path is not None:
                     catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 message = f"Cannot start: {exc}"
                 gr.Warning(message)
                 yield (None, job_report(None, [], status="error", message=message, settings=settings,
@@ -716,10 +900,24 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
             yield from _stream_job(session if session is not None else SessionJobs(), settings,
                                    input_image, mag_ratios)
 
+        def job_plan(settings, profile_choice) -> dict[str, Any]:
+            """The plan this job runs in every section, and the table it comes from (as the page shows it)."""
+            if settings.cache != "magcache" or settings.calibrate:
+                return {"skipped": [False] * settings.steps, "ratio_source": None}
+            ratios, source = catalog.table(profile_choice, settings.steps, settings.resample)
+            skipped = magcache_core.skip_schedule(ratios, settings.steps, settings.magcache_thresh,
+                                                  settings.magcache_K, settings.retention_ratio, settings.resample)
+            return {"skipped": skipped, "ratio_source": source,
+                    "computed_steps": [t for t, s in enumerate(skipped) if not s]}
+
         def _stream_job(sess: SessionJobs, settings, image, profile_choice) -> Iterator[tuple]:
             def report_now(status, message, result=None):
                 return job_report(result, sections, status=status, message=message, settings=settings,
-                                  variant=variant, profile_choice=profile_choice)
+                                  variant=variant, profile_choice=profile_choice, plan=plan_info)
+
+            plan_info = job_plan(settings, profile_choice)
+            clock = StepClock(plan_info["skipped"], magcache_pipeline.section_count(
+                settings.total_second_length, settings.latent_window_size), time.perf_counter())
 
             sections: list[Any] = []
             job = sess.begin()
@@ -754,7 +952,10 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                             bar = progress_html(0, "Waiting for the GPU: another job is running ...")
                         elif kind == "progress":
                             latest = payload
+                            if payload.step >= 1:
+                                clock.step(payload)
                         elif kind == "section":
+                            clock.section(payload)
                             sections.append(payload)
                             video = payload.video_path or video
                             lines.append(payload.summary())
@@ -764,7 +965,10 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                         break
                     shown = gr.update()
                     if latest is not None:
-                        bar = progress_html(latest.percent, latest.desc)
+                        label = latest.desc
+                        if latest.step >= 1:
+                            label += f" ({clock.label(latest, time.perf_counter())})"
+                        bar = progress_html(latest.percent, label)
                         if latest.preview is not None:
                             shown = gr.update(visible=True, value=latest.preview)
                     yield (video if video else gr.update(), report_now("running", "Running ..."),
@@ -785,36 +989,63 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
             sess.arm()
             return gr.update(interactive=False), gr.update(interactive=True)
 
-        def after_job(sess, current_profile):
+        clamped_names = ("seed", "total_second_length", "steps", "cfg", "gs", "mp4_crf", "magcache_thresh",
+                         "magcache_K", "retention_ratio", "gpu_memory_preservation")
+
+        def clamp_at_start(*values):
+            """Start pressed: move every typed value into its limits and show what the job will run."""
+            *numbers, cache_value, profile_value, calibrate_value, resample_value = values
+            out = []
+            for name, value in zip(clamped_names, numbers):
+                try:
+                    out.append(limits[name].clamp(float(value)))
+                except (TypeError, ValueError, OverflowError):
+                    out.append(gr.update())      # not a number: the job refuses it with a message
+            shown = dict(zip(clamped_names, out))
+            if all(not isinstance(v, dict) for v in out):
+                thresh, k, retention = shown["magcache_thresh"], shown["magcache_K"], shown["retention_ratio"]
+                return (*out, preset_for(thresh, k, retention),
+                        plan(cache_value, shown["steps"], thresh, k, retention, profile_value,
+                             bool(calibrate_value), shown["cfg"], resample_value))
+            return (*out, gr.update(), gr.update())
+
+        def after_job(sess, current_profile, steps_value):
             result = sess.take_result()
             chart = gr.update()
+            value = current_profile
             if result is not None and result.profile_path:
-                new_choice = catalog.choice_for(result.profile_path)
+                value = catalog.choice_for(result.profile_path)      # the new profile, selected
                 chart = ratios_chart_svg(
                     [(f"published ({variant})", list(magcache_core.VARIANT_MAG_RATIOS[variant]), "#9ca3af"),
                      ("this calibration", list(result.calibration.ratios) if result.calibration else [],
                       "#dc2626")],
-                    f"Calibrated ratios saved as {new_choice}")
+                    f"Calibrated ratios saved as {value}")
             return (gr.update(interactive=True), gr.update(interactive=False),
-                    gr.update(choices=catalog.choices(), value=current_profile), chart, gr.update(visible=False))
+                    gr.update(choices=catalog.choices(int(steps_value)), value=value), chart,
+                    gr.update(visible=False), catalog.left_out())
 
         def stop(sess):
             sess.request_stop()
 
         job_inputs = [input_image, prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg,
                       gs, rs, gpu_memory_preservation, cache, magcache_thresh, magcache_K, retention_ratio,
-                      profile, calibrate, mp4_crf, session]
+                      profile, calibrate, mp4_crf, resample, session]
+        clamped_controls = [seed, total_second_length, steps, cfg, gs, mp4_crf, magcache_thresh, magcache_K,
+                            retention_ratio, gpu_memory_preservation]
         (start_button
-         .click(arm, inputs=session, outputs=[start_button, end_button], queue=False, **_hidden_api())
+         # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it
+         .click(clamp_at_start, inputs=[*clamped_controls, cache, profile, calibrate, resample],
+                outputs=[*clamped_controls, preset, plan_view], preprocess=False, queue=False, **_hidden_api())
+         .then(arm, inputs=session, outputs=[start_button, end_button], queue=False, **_hidden_api())
          .then(generate, inputs=job_inputs, outputs=[result_video, report, summary, preview, progress],
                api_name="generate", concurrency_limit=1, concurrency_id="gpu", show_progress="minimal")
-         .then(after_job, inputs=[session, profile],
-               outputs=[start_button, end_button, profile, ratios_chart, preview],
+         .then(after_job, inputs=[session, profile, steps],
+               outputs=[start_button, end_button, profile, ratios_chart, preview, profile_status],
                queue=False, **_hidden_api()))
         end_button.click(stop, inputs=session, outputs=None, queue=False, **_hidden_api())
         # every new page lists the profiles folder as it is now (profiles saved or copied in since start)
-        demo.load(lambda: gr.update(choices=catalog.choices()), inputs=None, outputs=profile, queue=False,
-                  **_hidden_api())
+        demo.load(lambda: (gr.update(choices=catalog.choices(defaults.steps)), catalog.left_out()), inputs=None,
+                  outputs=[profile, profile_status], queue=False, **_hidden_api())
 
     demo.queue()
     return demo

@@ -780,6 +780,7 @@ class ProgressUpdate:
     section: int
     step: int
     steps: int
+    time: float = dataclasses.field(default_factory=time.perf_counter)   # when it happened (perf_counter)
 
 
 class JobStopped(Exception):

@@ -27,6 +27,7 @@ from PIL import Image
 
 import magcache_app
 import magcache_core
+from conftest import library_choice, library_plan_ratios
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FPS = 30
@@ -89,14 +90,21 @@ def test_skip_plan_text_counts(variant: str, thresh: float, k: int, retention: f
     assert text.startswith(f"{2 * computed} of 50 transformer passes, about {25 / computed:.2f}x faster")
 
 
-def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path) -> None:
-    catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
-    for steps in (8, 25, 50):
-        schedule = magcache_core.skip_schedule(magcache_core.FRAMEPACK_MAG_RATIOS, steps, 0.15, 4, 0.2)
-        panel = magcache_app.plan_panel_html(catalog, "magcache", steps, 0.15, 4, 0.2, "published", False)
+@pytest.mark.parametrize("resolution", [128, 384, 640])
+@pytest.mark.parametrize("resample", ["magnitude", "nearest"])
+def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path, resolution: int, resample: str) -> None:
+    catalog = magcache_app.ProfileCatalog("framepack", tmp_path, resolution=resolution)
+    for steps in (8, 25, 40, 50):
+        ratios = library_plan_ratios("framepack", resolution, resolution, steps, resample)
+        schedule = reference_skips(ratios, 0.15, 4, 0.2)
+        panel = magcache_app.plan_panel_html(catalog, "magcache", steps, 0.15, 4, 0.2, "library", False,
+                                             resample=resample)
         assert panel.count('class="mc-step mc-skip"') == sum(schedule)
         assert panel.count('class="mc-step mc-run"') == steps - sum(schedule)
         assert f"{steps - sum(schedule)} of {steps} transformer passes" in panel
+        table_res, table_steps, _ = library_choice("framepack", resolution, steps)
+        assert f"Ratio table: {'published MagCache table' if (table_res, table_steps) == (640, 25) else 'FramePack-Studio'}, " \
+               f"{table_res} px, {table_steps} steps" in panel
     assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
     assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
     assert "nothing skipped" in magcache_app.plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
@@ -119,13 +127,16 @@ def test_profile_selection_refuses_bad_profiles(tmp_path: pathlib.Path) -> None:
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     good = write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
     catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
+    # only what this app can use is offered; the rest is counted, with the reasons
     values = [value for _, value in catalog.choices()]
-    assert values == ["published", "broken.json", "flat.json", "other.json"]
+    assert values == ["library", "flat.json"]
+    assert catalog.left_out() == ("2 file(s) in " + tmp_path.name + "/ left out, not usable by this app: "
+                                  "1 calibrated for f1; 1 not a readable profile.")
 
     for bad, why in (("other.json", "calibrated for 'f1'"), ("broken.json", "not valid JSON"),
                      ("../etc/passwd", "unknown calibration profile"), ("missing.json", "unknown")):
         value, status, chart, warning = magcache_app.profile_selection(catalog, bad)
-        assert value == "published"
+        assert value == "library"
         assert warning and why in warning
         assert "Refused" in status and "<svg" in chart
         # the plan panel says why instead of raising
@@ -425,10 +436,17 @@ def test_tiny_job_end_to_end(servers: Any, variant: str) -> None:
     assert report["status"] == "done", report["message"]
     assert decoded_frames(out["video_file"]) == framepack_frame_count(FAST["total_second_length"],
                                                                       FAST["latent_window_size"])
-    plan = magcache_core.skip_schedule(magcache_core.VARIANT_MAG_RATIOS[variant], FAST["steps"],
-                                       FAST["magcache_thresh"], FAST["magcache_K"], FAST["retention_ratio"])
+    with av.open(out["video_file"]) as container:
+        stream = container.streams.video[0]
+        height, width = stream.height, stream.width
+    ratios = library_plan_ratios(variant, height, width, FAST["steps"])
+    plan = reference_skips(ratios, FAST["magcache_thresh"], FAST["magcache_K"], FAST["retention_ratio"])
     expected_skipped = [t for t, skipped in enumerate(plan) if skipped]
     assert expected_skipped, "the settings should skip some steps"
+    # the report says which plan and table ran: the same the page shows (computed by the same rule here)
+    assert report["plan"]["computed_steps"] == [t for t, s in enumerate(plan) if not s]
+    assert report["plan"]["ratio_source"].startswith("FramePack-Studio, 128 px, 25 steps")
+    assert report["settings"]["steps"] == FAST["steps"] and report["resample"] == "magnitude"
     assert len(report["sections"]) == 2
     for section in report["sections"]:
         assert section["skipped_steps"] == expected_skipped
@@ -463,7 +481,7 @@ def test_calibration_profile_is_saved_and_used(servers: Any) -> None:
 
 
 @pytest.mark.slow
-def test_bad_inputs_end_the_job_with_a_message(servers: Any) -> None:
+def test_bad_inputs_end_the_job_with_a_message(servers: Any, capfd: pytest.CaptureFixture) -> None:
     from gradio_client import handle_file
 
     server = servers("framepack")
@@ -484,6 +502,16 @@ def test_bad_inputs_end_the_job_with_a_message(servers: Any) -> None:
                    client.predict(input_image=handle_file(str(tiny)), prompt="x", api_name="/generate"),
                    strict=True))
     assert odd["report"]["status"] == "error" and "16x16" in odd["report"]["message"]
+
+    # a text file named .png: the message says so and which files work, and nothing crashed
+    fake = server.image.with_name("holiday.png")
+    fake.write_text("this is not a picture", encoding="utf-8")
+    not_image = dict(zip(magcache_app.GENERATE_OUTPUTS,
+                         client.predict(input_image=handle_file(str(fake)), prompt="x", api_name="/generate"),
+                         strict=True))
+    assert not_image["report"]["status"] == "error"
+    assert "holiday.png is not a readable image: use a PNG, JPEG" in not_image["report"]["message"]
+    assert "Traceback" not in capfd.readouterr().err          # the server logged no traceback for any of it
 
     # the app still works after all that
     after = server.generate(client=client, **ONE_SECTION)
