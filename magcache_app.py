@@ -34,17 +34,21 @@ The client API, one endpoint::
 Inputs (defaults as in the UI): input_image, prompt, n_prompt, seed,
 total_second_length, latent_window_size, steps, cfg, gs, rs,
 gpu_memory_preservation, cache ("magcache" | "teacache" | "off"),
-magcache_thresh, magcache_K, retention_ratio, mag_ratios ("published" or the
-file name of a profile in the profiles folder), calibrate, mp4_crf.
+magcache_thresh, magcache_K, retention_ratio, mag_ratios ("library", the
+default, or the file name of a profile in the profiles folder; "published" is
+read as "library"), calibrate, mp4_crf, resample ("magnitude" | "nearest").
+Numbers are moved into ``magcache_pipeline.LIMITS`` before the job runs (Gradio 6
+refuses an API value beyond a slider's range itself), and the report's
+``settings`` and ``plan`` say what ran.
 Outputs, in :data:`GENERATE_OUTPUTS` order: the final MP4 (a path with
 gradio_client 2.x, ``{"video": path, "subtitles": None}`` with 1.x;
 :func:`video_path_from_output` takes either), the job report (a dict, see
 :func:`job_report`: status "done" | "stopped" | "error", message, per-section
 computed/skipped step indices and seconds, total seconds, saved profile), the
 summary (Markdown), the preview (None at the end) and the progress HTML ("" at
-the end).  A job that fails (no image, bad settings, refused profile, CUDA out
-of memory) does not raise: its report says "error" and why.  Gradio 6 itself
-refuses values outside a slider's range with an error.
+the end).  A job that fails (no image, an unreadable image file, bad settings,
+refused profile, CUDA out of memory) does not raise: its report says "error"
+and why.
 """
 
 from __future__ import annotations
@@ -726,6 +730,13 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
         return {"minimum": limit.low, "maximum": limit.high, "step": limit.step}
 
     def plan(cache, steps, thresh, k, retention, profile, calibrate, cfg, resample="magnitude"):
+        """The plan panel for the values as a job would run them (typed values clamped into the limits)."""
+        try:
+            steps, thresh, k, retention, cfg = (limits[name].clamp(float(value)) for name, value in (
+                ("steps", steps), ("magcache_thresh", thresh), ("magcache_K", k),
+                ("retention_ratio", retention), ("cfg", cfg)))
+        except (TypeError, ValueError, OverflowError):
+            return _message_html("No plan: a MagCache setting is not a number.")
         return plan_panel_html(catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample)
 
     with gr.Blocks(title=f"{spec.title} + MagCache", analytics_enabled=False) as demo:
@@ -831,8 +842,9 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
 
         plan_inputs = [cache, steps, magcache_thresh, magcache_K, retention_ratio, profile, calibrate, cfg, resample]
         for control in plan_inputs:
+            # raw values (preprocess=False): a number typed beyond a slider's range plans as it will run
             control.change(plan, inputs=plan_inputs, outputs=plan_view, show_progress="hidden", queue=False,
-                           trigger_mode="always_last", **_hidden_api())
+                           trigger_mode="always_last", preprocess=False, **_hidden_api())
 
         def apply_preset(name):
             if name == CUSTOM_PRESET:

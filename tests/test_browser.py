@@ -21,6 +21,7 @@ from PIL import Image
 
 import magcache_app
 import magcache_core
+from conftest import library_plan_ratios
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -87,11 +88,6 @@ def wait_plan(page: Any, starts_with: str) -> None:
                            arg=starts_with)
 
 
-def choose_profile(page: Any, name: str) -> None:
-    page.locator("#profile input").click()
-    page.get_by_role("option", name=name).click()
-
-
 def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathlib.Path) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1500})
     page = context.new_page()
@@ -99,13 +95,27 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     page.locator("#skip-plan .mc-plan-summary").wait_for()
     assert "random" in page.locator("#tiny-banner").inner_text()
 
-    ratios = magcache_core.FRAMEPACK_MAG_RATIOS
-    assert plan_text(page).startswith(magcache_app.skip_plan_text(ratios, 25, 0.10, 3, 0.2))
+    # tiny frames are about 128 px: the library's 128-px tables, fitted to the step count
+    def ratios(steps: int) -> list[float]:
+        return library_plan_ratios("framepack", 128, 128, steps)
 
-    # a profile calibrated for F1 is refused, with the reason, and the published table stays in use
-    choose_profile(page, "made_for_f1.json")
-    page.locator("#profile-status").get_by_text("calibrated for 'f1'").wait_for()
-    assert "Published" in page.locator("#profile input").input_value()
+    assert plan_text(page).startswith(magcache_app.skip_plan_text(ratios(25), 25, 0.10, 3, 0.2))
+    assert "Ratio table: FramePack-Studio, 128 px, 25 steps" in page.locator("#skip-plan").inner_text()
+
+    # a profile calibrated for F1 is not offered; the line under the dropdown says why
+    page.locator("#profile-status").get_by_text("1 calibrated for f1").wait_for()
+    page.locator("#profile input").click()
+    assert page.get_by_role("option", name=re.compile("made_for_f1")).count() == 0
+    page.keyboard.press("Escape")
+    assert "Ratio library" in page.locator("#profile input").input_value()
+
+    # a text file named .png: the job says it is not an image, which files work, and nothing breaks
+    fake = tmp_path / "not_a_photo.png"
+    fake.write_text("plain text", encoding="utf-8")
+    page.locator("#input-image input[type=file]").set_input_files(str(fake))
+    page.locator("#start").click()
+    page.get_by_text("not_a_photo.png is not a readable image").first.wait_for(timeout=JOB_TIMEOUT_MS)
+    page.locator("#start:not([disabled])").wait_for()
 
     page.locator("#input-image input[type=file]").set_input_files(str(app["image"]))
     page.locator("#input-image img").first.wait_for()
@@ -116,21 +126,37 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
 
     # a preset sets the sliders; moving a slider re-plans at once and the preset becomes "Custom"
     page.locator("#preset").get_by_text("E015K4R02").click()
-    wait_plan(page, magcache_app.skip_plan_text(ratios, 25, 0.15, 4, 0.2))
+    wait_plan(page, magcache_app.skip_plan_text(ratios(25), 25, 0.15, 4, 0.2))
     assert page.locator("#magcache-k input[type=number]").input_value() == "4"
     set_slider(page, "magcache-thresh", 0.3)
-    wait_plan(page, magcache_app.skip_plan_text(ratios, 25, 0.3, 4, 0.2))
+    wait_plan(page, magcache_app.skip_plan_text(ratios(25), 25, 0.3, 4, 0.2))
     page.locator("#preset input[value='Custom']:checked").wait_for()
-    set_slider(page, "steps", 8)
-    wait_plan(page, magcache_app.skip_plan_text(ratios, 8, 0.3, 4, 0.2))
-    assert page.locator("#skip-plan .mc-step").count() == 8
     set_slider(page, "total-length", 1)   # one section of FramePack's 9-latent window
 
+    # values typed beyond the limits: Start runs, and shows, the nearest values inside them
+    page.locator("#steps input[type=number]").fill("500")
+    page.locator("#retention input[type=number]").fill("1")
     page.locator("#start").click()
-    page.locator("#result-video video").wait_for(timeout=JOB_TIMEOUT_MS)
     page.get_by_text(re.compile(r"^done: ")).wait_for(timeout=JOB_TIMEOUT_MS)
+    assert page.locator("#steps input[type=number]").input_value() == "100"
+    assert float(page.locator("#retention input[type=number]").input_value()) == 0.99
+    plan = magcache_core.skip_schedule(ratios(100), 100, 0.3, 4, 0.99)
+    assert plan_text(page).startswith(magcache_app.skip_plan_text(ratios(100), 100, 0.3, 4, 0.99))
+    assert page.locator("#skip-plan .mc-step").count() == 100
+    skipped = [t for t, s in enumerate(plan) if s]
     summary = page.locator("#job-summary").inner_text()
-    skipped = [t for t, s in enumerate(magcache_core.skip_schedule(ratios, 8, 0.3, 4, 0.2)) if s]
+    assert f"Section 1/1: computed {100 - len(skipped)}/100 steps, skipped {len(skipped)}" in summary
+
+    # back to a small job: the plan follows the sliders again
+    set_slider(page, "steps", 8)
+    set_slider(page, "retention", 0.2)
+    wait_plan(page, magcache_app.skip_plan_text(ratios(8), 8, 0.3, 4, 0.2))
+    assert page.locator("#skip-plan .mc-step").count() == 8
+    page.locator("#start").click()
+    page.wait_for_function("() => document.querySelector('#job-summary').innerText.includes('/8 steps')",
+                           timeout=JOB_TIMEOUT_MS)
+    summary = page.locator("#job-summary").inner_text()
+    skipped = [t for t, s in enumerate(magcache_core.skip_schedule(ratios(8), 8, 0.3, 4, 0.2)) if s]
     assert f"Section 1/1: computed {8 - len(skipped)}/8 steps, skipped {len(skipped)} {skipped}" in summary
     assert list(app["outputs"].glob("*.mp4"))
 
@@ -145,7 +171,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     other = context.new_page()
     other.goto(app["url"])
     other.locator("#skip-plan .mc-plan-summary").wait_for()
-    set_slider(page, "total-length", 5)   # four sections: long enough to press End mid-job
+    set_slider(page, "total-length", 60)   # long enough that End always comes mid-job, however fast the machine
     page.locator("#start").click()
     page.locator("#end:not([disabled])").wait_for()
     page.locator("#progress .mc-progress").wait_for(timeout=JOB_TIMEOUT_MS)
@@ -169,7 +195,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     assert len(saved) == 1
     profile = magcache_core.MagCacheProfile.load(saved[0])
     page.locator("#calibrate input").uncheck()
-    choose_profile(page, saved[0].name)
-    page.locator("#profile-status").get_by_text("Using profile").wait_for()
+    # the new profile is selected by itself, and plans the next job
+    assert saved[0].name in page.locator("#profile input").input_value()
     wait_plan(page, magcache_app.skip_plan_text(profile.ratios, 8, 0.3, 4, 0.2))
     context.close()
