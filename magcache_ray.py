@@ -531,6 +531,8 @@ class AppRunner:
         self.factory = ActorFactory(variant, tiny, threads=threads)
         self.concurrency = workers
         self.idle: queue.Queue[Slot] = queue.Queue()
+        #: (worker index, start, end) of each job run, perf_counter seconds
+        self.history: list[tuple[int, float, float]] = []
         slots = [self.factory.start(i) for i in range(workers)]
         for slot in slots:
             slot.pid = ray.get(slot.ready_ref)["pid"]
@@ -595,6 +597,7 @@ class AppRunner:
         values.update(seconds=values.pop("total_second_length"), crf=values.pop("mp4_crf"),
                       image=str(image_file), variant=self.variant, tiny=self.tiny)
         task = make_task(values, stream=True)
+        started = time.perf_counter()
         ref = slot.actor.run.remote(task)
         stop_sent = False
 
@@ -624,6 +627,7 @@ class AppRunner:
                                                f"({reason}); it has been replaced: press Start again."), slot
         except RayTaskError as exc:    # the job raised on the worker (its values); the worker is fine
             return magcache_pipeline.JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
+        self.history.append((slot.index, started, time.perf_counter()))
         result = out["result"]
         for section in result.sections:
             section.video_path = str(outputs / pathlib.Path(section.video_path).name)
