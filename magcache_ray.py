@@ -489,8 +489,8 @@ def main_jobs(args: argparse.Namespace, cli: dict[str, Any]) -> int:
             bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=args.no_progress, file=sys.stderr)
 
             def on_outcome(o: BatchOutcome) -> None:
-                where = f" on worker {o.worker}" if o.worker is not None else ""
-                tqdm.write(f"line {o.line}: {o.status}{where} in {o.wall_seconds:.1f} s"
+                where = f" on worker {o.worker} in {o.wall_seconds:.1f} s" if o.worker is not None else ""
+                tqdm.write(f"line {o.line}: {o.status}{where}"
                            + (f" (attempt {o.attempts})" if o.attempts > 1 else "")
                            + (f" -> {o.video}" if o.video else f": {o.message}"), file=sys.stdout)
                 bar.update(1)
@@ -498,7 +498,13 @@ def main_jobs(args: argparse.Namespace, cli: dict[str, Any]) -> int:
             factory = ActorFactory(base["variant"], tiny, threads=1)
             batch = Batch(jobs, factory, workers, args.max_retries, should_stop=stop, on_outcome=on_outcome)
             with stop.installed():
-                done = batch.run()
+                try:
+                    batch.run()
+                except KeyboardInterrupt:    # the second Ctrl-C: drop what runs; only whole files were written
+                    finished = {o.line for o in batch.outcomes}
+                    batch.outcomes += [BatchOutcome(j.line, "stopped", "aborted (Ctrl-C twice): nothing written")
+                                       for j in jobs if j.line not in finished]
+            done = batch.outcomes
             bar.close()
         finally:
             if started:
