@@ -19,6 +19,13 @@ A job that fails (bad values, unreadable image, generation error) is reported
 with its line number and the next one runs; the exit code is 1 if any job
 failed, 2 for bad command-line arguments, 0 otherwise.
 
+``--resume`` skips the jobs whose output MP4 and its JSON are already there.
+The same jobs on Ray workers, one per GPU, on this machine or a cluster
+(``pip install -r requirements-ray.txt``; see ``magcache_ray``)::
+
+    python magcache_generate.py --jobs jobs.jsonl --ray --output clips/clip.mp4
+    python magcache_generate.py --jobs jobs.jsonl --ray auto --max-retries 2 --resume
+
 Every video gets a JSON record beside it (``cat.mp4`` -> ``cat.json``, also in
 the MP4's ``comment`` tag).  The same video again, any flag overriding the
 recorded value::

@@ -232,8 +232,15 @@ def connect(address: str, verbose: bool = False) -> bool:
     return True
 
 
-def cluster_gpus() -> int:
-    return int(ray.cluster_resources().get("GPU", 0))
+def worker_count(tiny: bool, workers: int | None) -> int:
+    """How many workers to start: ``workers`` (default 2) CPU workers when tiny, else one per GPU of the cluster."""
+    if tiny:
+        return workers or 2
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < 1:
+        raise RuntimeError("the Ray cluster has no GPU; the real models need one per worker "
+                           "(use --tiny for CPU workers with tiny random models)")
+    return min(workers or gpus, gpus)
 
 
 @dataclasses.dataclass
@@ -475,15 +482,11 @@ def main_jobs(args: argparse.Namespace, cli: dict[str, Any]) -> int:
         stop = gen._StopOnInterrupt()
         started = connect(args.ray, verbose=args.verbose)
         try:
-            if tiny:
-                workers = args.workers or 2
-            else:
-                gpus = cluster_gpus()
-                if gpus < 1:
-                    print("magcache_generate.py: --ray: the Ray cluster has no GPU; the real models need one "
-                          "per worker (use --tiny for CPU workers with tiny random models)", file=sys.stderr)
-                    return 2
-                workers = min(args.workers or gpus, gpus)
+            try:
+                workers = worker_count(tiny, args.workers)
+            except RuntimeError as exc:
+                print(f"magcache_generate.py: --ray: {exc}", file=sys.stderr)
+                return 2
             print(f"{len(jobs)} job(s) on {min(workers, len(jobs))} Ray worker(s)"
                   + (" (tiny, CPU)" if tiny else " (one GPU each)"), flush=True)
             bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=args.no_progress, file=sys.stderr)
@@ -657,13 +660,99 @@ def _write_files(files: dict[str, bytes], folder: pathlib.Path) -> pathlib.Path:
 def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None) -> AppRunner:
     """Ray up, and the app's worker pool: one worker per GPU (tiny: ``workers`` CPU workers, default 2)."""
     connect(address)
-    if tiny:
-        count = workers or 2
-    else:
-        gpus = cluster_gpus()
-        if gpus < 1:
-            raise RuntimeError("the Ray cluster has no GPU; the real models need one per worker "
-                               "(use --tiny for CPU workers with tiny random models)")
-        count = min(workers or gpus, gpus)
+    count = worker_count(tiny, workers)
     logger.info("Starting %d Ray worker(s) for the app%s ...", count, " (tiny, CPU)" if tiny else "")
     return AppRunner(variant, tiny, count)
+
+
+# ---------------------------------------------------------------------------
+# Measuring: python magcache_ray.py bench
+# ---------------------------------------------------------------------------
+
+def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int, cpus: int | None) -> list[dict[str, Any]]:
+    """The same tiny jobs file on 1, 2, ... workers (one torch thread each) on a local Ray; one row per count.
+
+    ``jobs_seconds`` runs from the first job handed out to the last file written (worker start-up and model
+    loading are ``startup_seconds``); ``overhead`` is per job: driver wall time minus the worker's run_job time.
+    """
+    import numpy as np
+    from PIL import Image
+
+    import magcache_generate as gen
+
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 logging_level="WARNING")
+        started_here = True
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="magcache-ray-bench-") as tmp:
+            root = pathlib.Path(tmp)
+            rng = np.random.default_rng(0)
+            Image.fromarray((rng.random((72, 96, 3)) * 255).astype(np.uint8)).save(root / "in.png")
+            lines = [{"image": str(root / "in.png"), "prompt": f"bench {i}", "seed": i} for i in range(jobs)]
+            (root / "jobs.jsonl").write_text("".join(json_line(line) for line in lines))
+            for count in worker_counts:
+                cli = {"tiny": True, "seconds": seconds, "steps": steps, "output": str(root / f"w{count}" / "v.mp4")}
+                planned, known = plan_jobs(str(root / "jobs.jsonl"), cli, tiny_workers=True, resume=False)
+                assert not known, known
+                marks: dict[str, float] = {"begin": time.perf_counter()}
+
+                def on_dispatch(job: BatchJob, slot: Slot) -> None:
+                    marks.setdefault("first", time.perf_counter())
+
+                batch = Batch(planned, ActorFactory("framepack", tiny=True, threads=1), count, max_retries=0,
+                              on_dispatch=on_dispatch)
+                outcomes = batch.run()
+                end = time.perf_counter()
+                if any(o.status != "done" for o in outcomes):
+                    raise RuntimeError(f"bench jobs failed: {[o.message for o in outcomes if o.status != 'done']}")
+                overheads = [o.overhead_seconds for o in outcomes]
+                rows.append({"workers": count, "jobs": jobs, "jobs_seconds": end - marks["first"],
+                             "startup_seconds": marks["first"] - marks["begin"],
+                             "run_seconds_mean": sum(o.run_seconds for o in outcomes) / len(outcomes),
+                             "overhead_mean": sum(overheads) / len(overheads), "overhead_max": max(overheads)})
+                print(json_line(rows[-1]), end="", flush=True)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return rows
+
+
+def json_line(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj) + "\n"
+
+
+def _bench_main(argv: Sequence[str] | None = None) -> int:
+    import platform
+
+    p = argparse.ArgumentParser(prog="magcache_ray.py", description="Measure the Ray pool in tiny CPU mode.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="the same tiny jobs file on 1, 2, ... workers")
+    b.add_argument("--jobs", type=int, default=8)
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--seconds", type=float, default=1.0)
+    b.add_argument("--steps", type=int, default=8)
+    b.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    args = p.parse_args(argv)
+    require_ray()
+    rows = bench(args.jobs, args.workers, args.seconds, args.steps, args.cpus)
+    base = rows[0]["jobs_seconds"]
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} tiny jobs "
+          f"({args.seconds:g} s, {args.steps} steps), 1 torch thread per worker\n")
+    print("| workers | wall time of the jobs | vs 1 worker | worker start-up | run_job per job | "
+          "dispatch overhead per job (mean / max) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['workers']} | {r['jobs_seconds']:.1f} s | {r['jobs_seconds'] / base:.2f}x | "
+              f"{r['startup_seconds']:.1f} s | {r['run_seconds_mean']:.2f} s | "
+              f"{r['overhead_mean']:.3f} s / {r['overhead_max']:.3f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(_bench_main())

@@ -262,3 +262,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_real_models_need_gpus_in_the_cluster(local_ray: Any) -> None:
+    assert magcache_ray.worker_count(tiny=True, workers=None) == 2
+    assert magcache_ray.worker_count(tiny=True, workers=3) == 3
+    with pytest.raises(RuntimeError, match="no GPU.*--tiny"):
+        magcache_ray.worker_count(tiny=False, workers=None)      # this local Ray has num_gpus=0
