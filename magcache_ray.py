@@ -190,7 +190,8 @@ def _video_files(video: str) -> dict[str, bytes]:
 
 
 def _local_copy(path: str, data: bytes, work: pathlib.Path) -> pathlib.Path:
-    """The driver's file at ``path`` if this worker sees the same bytes there (same machine), else a copy in work."""
+    """The driver's file at ``path`` if this worker sees the same bytes there (same machine, or a shared
+    folder at the same path), else a copy in ``work`` (the video's record then names the copy)."""
     p = pathlib.Path(path)
     try:
         if p.is_file() and p.read_bytes() == data:
@@ -207,8 +208,7 @@ def make_task(values: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     image = pathlib.Path(values["image"])
     task = {"token": uuid.uuid4().hex, "values": dict(values), "stream": stream, "image_name": image.name,
             "image": image.read_bytes(), "image_info": magcache_metadata.image_record(image), "profile": None}
-    if values.get("mag_ratios"):
-        task["values"]["mag_ratios"] = str(pathlib.Path(values["mag_ratios"]).resolve())
+    if values.get("mag_ratios"):      # the path stays as given: the record names it as a local run's does
         task["profile"] = pathlib.Path(values["mag_ratios"]).read_bytes()
     return task
 

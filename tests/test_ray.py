@@ -144,10 +144,10 @@ def test_killed_worker_retries_and_a_job_that_always_kills_its_worker_fails(
         {"image": str(image), "prompt": "long job, killed once", "seconds": 2},   # 2 sections
         {"image": str(image), "prompt": CRASH_PROMPT},
         {"image": str(image), "prompt": "plain"},
-        {"image": str(image), "prompt": "plain too", "seed": 5},
+        {"image": str(image), "prompt": "plain too", "seed": 5, "calibrate": True},    # a profile comes back
     ])
     cli = {"tiny": True, "steps": 4, "seconds": 1, "output": str(tmp_path / "out" / "v.mp4"),
-           "outputs_dir": str(tmp_path / "outputs")}
+           "outputs_dir": str(tmp_path / "outputs"), "profiles_dir": str(tmp_path / "profiles")}
     planned, known = magcache_ray.plan_jobs(str(jobs), cli, tiny_workers=True, resume=False)
     assert known == [] and [j.line for j in planned] == [1, 2, 3, 4]
     killed: list[int] = []
@@ -172,6 +172,8 @@ def test_killed_worker_retries_and_a_job_that_always_kills_its_worker_fails(
     assert not (tmp_path / "out" / "v-line2.mp4").exists()
     assert len(frames(tmp_path / "out" / "v-line1.mp4")) == 4 * (2 * 9 + 1) - 3     # both sections
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
+    profiles = list((tmp_path / "profiles").glob("*.json"))         # written on the driver's disk
+    assert len(profiles) == 1 and json.loads(profiles[0].read_text())["num_steps"] == 4
 
 
 def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pathlib.Path,
