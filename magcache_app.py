@@ -696,10 +696,15 @@ def _hidden_api() -> dict[str, Any]:
 
 def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] = "outputs",
              profiles_dir: str | os.PathLike[str] = "magcache_profiles",
-             mag_ratios: str | os.PathLike[str] | None = None, tiny: bool | None = None) -> gr.Blocks:
+             mag_ratios: str | os.PathLike[str] | None = None, tiny: bool | None = None,
+             runner: Any | None = None) -> gr.Blocks:
     """Build the app for loaded ``models``; the caller launches it (see :func:`launch`).
 
     ``mag_ratios`` preselects a saved profile (ValueError if it is refused).
+    ``runner(job, image, settings, outputs_dir, profiles_dir)`` runs a job in its
+    thread with :func:`_run_job_thread`'s contract; None runs it on ``models`` in
+    this process (one job at a time), ``magcache_ray.AppRunner`` on Ray workers
+    (``runner.concurrency`` jobs at once).
     """
     import gradio as gr
 
@@ -714,13 +719,16 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     # rounding of it, so it picks the same library table as the job will (tests check the two agree)
     catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
                              model=magcache_pipeline.model_id(variant, tiny),
-                             resolution=magcache_pipeline.job_resolution(models, defaults) if models is not None
-                             else defaults.resolution)
+                             resolution=magcache_pipeline.bucket_resolution(defaults.resolution, tiny))
     initial_profile = LIBRARY
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
         catalog.load(initial_profile)           # refuse a bad --mag-ratios file now, not mid-job
     gpu_lock = threading.Lock()
+    if runner is None:
+        def runner(job: Job, image: Any, settings: Any, outputs: str, profiles: str) -> None:
+            _run_job_thread(job, gpu_lock, models, image, settings, outputs, profiles)
+    concurrency = int(getattr(runner, "concurrency", 1))
     d_thresh, d_k, d_retention = preset_values(magcache_core.DEFAULT_PRESET)
     limits = magcache_pipeline.LIMITS
 
@@ -938,8 +946,8 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 yield None, report_now("stopped", message), _summary_markdown([f"stopped: {message}"]), None, ""
                 return
             job.thread = threading.Thread(
-                target=_run_job_thread, name="magcache-job", daemon=True,
-                args=(job, gpu_lock, models, image, settings, outputs_dir, profiles_dir))
+                target=runner, name="magcache-job", daemon=True,
+                args=(job, image, settings, outputs_dir, profiles_dir))
             job.thread.start()
             result = None
             video = None
@@ -1050,7 +1058,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 outputs=[*clamped_controls, preset, plan_view], preprocess=False, queue=False, **_hidden_api())
          .then(arm, inputs=session, outputs=[start_button, end_button], queue=False, **_hidden_api())
          .then(generate, inputs=job_inputs, outputs=[result_video, report, summary, preview, progress],
-               api_name="generate", concurrency_limit=1, concurrency_id="gpu", show_progress="minimal")
+               api_name="generate", concurrency_limit=concurrency, concurrency_id="gpu", show_progress="minimal")
          .then(after_job, inputs=[session, profile, steps],
                outputs=[start_button, end_button, profile, ratios_chart, preview, profile_status],
                queue=False, **_hidden_api()))
@@ -1095,6 +1103,12 @@ def build_parser(variant: str) -> argparse.ArgumentParser:
                         help="folder for videos (default ./outputs)")
     parser.add_argument("--profiles", metavar="DIR", default="magcache_profiles",
                         help="folder of calibration profiles (default ./magcache_profiles)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", default=None,
+                        help="run the jobs on a pool of Ray workers, one per GPU (several sessions at once); "
+                             "without ADDRESS a local Ray, else a cluster ('auto' or host:port). "
+                             "Needs: pip install -r requirements-ray.txt")
+    parser.add_argument("--workers", type=int, metavar="N", default=None,
+                        help="with --ray: number of workers (default one per GPU; with --tiny 2 CPU workers)")
     return parser
 
 
@@ -1140,16 +1154,35 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
         except ValueError as exc:
             parser.error(f"--mag-ratios {args.mag_ratios}: {exc}")
 
-    if not args.tiny and not torch.cuda.is_available():
+    if not args.tiny and not torch.cuda.is_available() and args.ray is None:
         sys.exit(f"{parser.prog}: no CUDA GPU found. FramePack needs an NVIDIA GPU with CUDA. "
                  "To try the app without one, add --tiny (tiny random models on the CPU; the video is noise).")
 
-    logger.info("Loading %s models%s ...", variant, " (tiny, random weights)" if args.tiny else "")
-    try:
-        models = magcache_pipeline.load_models(variant, tiny=args.tiny)
-    except (RuntimeError, OSError) as exc:
-        sys.exit(f"{parser.prog}: could not load the {variant} models: {exc}")
+    models = runner = None
+    if args.ray is not None:
+        runner = _ray_runner(parser, args, variant)
+    else:
+        logger.info("Loading %s models%s ...", variant, " (tiny, random weights)" if args.tiny else "")
+        try:
+            models = magcache_pipeline.load_models(variant, tiny=args.tiny)
+        except (RuntimeError, OSError) as exc:
+            sys.exit(f"{parser.prog}: could not load the {variant} models: {exc}")
     demo = build_ui(models, variant, outputs_dir=args.outputs, profiles_dir=args.profiles,
-                    mag_ratios=args.mag_ratios, tiny=args.tiny)
+                    mag_ratios=args.mag_ratios, tiny=args.tiny, runner=runner)
     launch(demo, server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
            outputs_dir=args.outputs)
+
+
+def _ray_runner(parser: argparse.ArgumentParser, args: argparse.Namespace, variant: str) -> Any:
+    """--ray: the pool of Ray workers the app's jobs run on (the models load there, not here)."""
+    try:
+        import magcache_ray
+        magcache_ray.require_ray()
+    except ImportError as exc:
+        sys.exit(f"{parser.prog}: --ray: {exc}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        return magcache_ray.start_app_runner(args.ray, variant, args.tiny, args.workers)
+    except (RuntimeError, ConnectionError) as exc:
+        sys.exit(f"{parser.prog}: --ray: {exc}")

@@ -19,6 +19,13 @@ A job that fails (bad values, unreadable image, generation error) is reported
 with its line number and the next one runs; the exit code is 1 if any job
 failed, 2 for bad command-line arguments, 0 otherwise.
 
+``--resume`` skips the jobs whose output MP4 and its JSON are already there.
+The same jobs on Ray workers, one per GPU, on this machine or a cluster
+(``pip install -r requirements-ray.txt``; see ``magcache_ray``)::
+
+    python magcache_generate.py --jobs jobs.jsonl --ray --output clips/clip.mp4
+    python magcache_generate.py --jobs jobs.jsonl --ray auto --max-retries 2 --resume
+
 Every video gets a JSON record beside it (``cat.mp4`` -> ``cat.json``, also in
 the MP4's ``comment`` tag).  The same video again, any flag overriding the
 recorded value::
@@ -352,9 +359,13 @@ class _StopOnInterrupt:
 @dataclasses.dataclass
 class JobOutcome:
     line: int | None
-    status: str                 # done | stopped | error | invalid
+    status: str                 # done | skipped (--resume) | stopped | error | invalid
     message: str
     video: str | None = None
+
+
+#: Outcomes that do not make the exit code 1.
+OK_STATUSES = ("done", "skipped")
 
 
 def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], progress: bool,
@@ -404,6 +415,32 @@ def print_result(result: Any, video: str | None, out: TextIO) -> None:
         print(line, file=out)
     if video and video != result.video_path:
         print(f"Saved as: {video}", file=out)
+
+
+def job_values(number: int, text: str, cli: dict[str, Any], cuda_available: bool) -> dict[str, Any]:
+    """The checked values of the job at line ``number`` of a --jobs file (JobError says what is wrong).
+
+    The command line fills what the line leaves open, and a command-line
+    --output becomes that line's ``x-lineN.mp4``.
+    """
+    try:
+        line = normalise_job_line(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise JobError(f"not valid JSON: {exc}") from None
+    values = merge_values(cli, line)
+    values["output"] = output_for_line(values["output"], number, "output" in line)
+    check_values(values, cuda_available)
+    return values
+
+
+def already_done(values: dict[str, Any]) -> bool:
+    """--resume: the job's output MP4 and its JSON record are both there (each appears only whole)."""
+    import magcache_metadata
+
+    output = values["output"]
+    if output is None:
+        return False     # the pipeline names the video by its job id: nothing to look for
+    return os.path.isfile(output) and magcache_metadata.sidecar_path(output).is_file()
 
 
 def iter_job_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -465,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "cap it at 128)")
     p.add_argument("--gpu-memory-preservation", type=float, help="GB kept free on the GPU (default 6)")
     p.add_argument("--jobs", metavar="FILE", help="run one job per line of FILE (JSON objects)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --jobs: skip the jobs whose output MP4 and its JSON are already there")
+    ray = p.add_argument_group("Ray (pip install -r requirements-ray.txt)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="with --jobs: run the jobs on Ray workers, one per GPU; without ADDRESS a local Ray on "
+                          "this machine, else an existing cluster ('auto' or host:port)")
+    ray.add_argument("--workers", type=int, metavar="N",
+                     help="number of Ray workers (default: one per GPU of the cluster; with --tiny 2 CPU workers)")
+    ray.add_argument("--max-retries", type=int, default=2, metavar="N",
+                     help="runs of a job again on another worker after its worker died (default 2)")
     p.add_argument("--replay", metavar="RECORD", help="make a video again from its JSON record (or its MP4); "
                                                       "flags given here override the recorded values")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -535,6 +582,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     models_cache: dict[tuple[str, bool], Any] = {}
     stop = _StopOnInterrupt()
 
+    if args.ray is not None and args.jobs is None:
+        parser.error("--ray runs a --jobs file: give --jobs FILE")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.max_retries < 0:
+        parser.error(f"--max-retries must be 0 or more, got {args.max_retries}")
     if args.jobs is None:
         runs = []
         for resolution, steps in grid:
@@ -565,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not os.path.isfile(args.jobs):
         parser.error(f"--jobs: file not found: {args.jobs}")
+    if args.ray is not None:
+        return run_on_ray(args, cli)
     outcomes: list[JobOutcome] = []
     with stop.installed():
         for number, text in iter_job_lines(args.jobs):
@@ -572,14 +627,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 outcomes.append(JobOutcome(number, "stopped", "not started: stop requested"))
                 continue
             try:
-                line = normalise_job_line(json.loads(text))
-                values = merge_values(cli, line)
-                values["output"] = output_for_line(values["output"], number, "output" in line)
-                check_values(values, cuda)
+                values = job_values(number, text, cli, cuda)
+                if args.resume and already_done(values):
+                    outcomes.append(JobOutcome(number, "skipped", "already done (--resume)", values["output"]))
+                    continue
                 print(f"== job at line {number}: {values['image']} ==", flush=True)
                 result, video = run_one(values, models_cache, not args.no_progress, stop)
-            except json.JSONDecodeError as exc:
-                outcomes.append(JobOutcome(number, "invalid", f"not valid JSON: {exc}"))
             except JobError as exc:
                 outcomes.append(JobOutcome(number, "invalid", str(exc)))
             except Exception as exc:   # whatever one job hits, the next one runs (Ctrl-C is no Exception: it stops)
@@ -590,19 +643,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 outcomes.append(JobOutcome(number, result.status, result.message, video))
             if outcomes[-1].status == "invalid":
                 logger.error("job at line %d refused: %s", number, outcomes[-1].message)
+    return report_outcomes(outcomes, args.jobs, sys.stdout)
+
+
+def run_on_ray(args: argparse.Namespace, cli: dict[str, Any]) -> int:
+    """--jobs FILE --ray [ADDRESS]: the same jobs on a pool of Ray workers (see magcache_ray)."""
+    try:
+        import magcache_ray
+        magcache_ray.require_ray()
+    except ImportError as exc:
+        print(f"magcache_generate.py: --ray: {exc}", file=sys.stderr)
+        return 2
+    return magcache_ray.main_jobs(args, cli)
+
+
+def report_outcomes(outcomes: Sequence[JobOutcome], jobs_path: str, out: TextIO) -> int:
+    """The closing table of a --jobs run; returns the exit code (1 if any job neither ran nor was skipped)."""
     if not outcomes:
-        print(f"{args.jobs}: no jobs (one JSON object per line)", file=sys.stderr)
+        print(f"{jobs_path}: no jobs (one JSON object per line)", file=sys.stderr)
         return 1
-    print(f"\n{len(outcomes)} job(s) from {args.jobs}:")
+    print(f"\n{len(outcomes)} job(s) from {jobs_path}:", file=out)
     for o in outcomes:
         where = f"line {o.line}"
         print(f"  {where}: {o.status}" + (f" -> {o.video}" if o.video else "")
-              + ("" if o.status == "done" else f": {o.message}"))
-    failed = [o for o in outcomes if o.status != "done"]
+              + ("" if o.status in OK_STATUSES else f": {o.message}"), file=out)
+    failed = [o for o in outcomes if o.status not in OK_STATUSES]
     if failed:
         print(f"{len(failed)} of {len(outcomes)} job(s) failed", file=sys.stderr)
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,16 +68,22 @@ def dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, indent=2, sort_keys=False, allow_nan=False)
 
 
-def write_sidecar(video: PathLike, record: Mapping[str, Any]) -> pathlib.Path:
-    """Write the record beside ``video``; a temporary name, then a rename, so no reader sees half a file."""
-    path = sidecar_path(video)
-    tmp = path.with_name(f".{path.stem}.partial.json")
+def write_atomic(path: PathLike, data: bytes) -> pathlib.Path:
+    """Write ``data`` to ``path`` under a temporary name, then rename: no reader sees half a file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        tmp.write_text(dumps(record) + "\n", encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_sidecar(video: PathLike, record: Mapping[str, Any]) -> pathlib.Path:
+    """Write the record beside ``video``; a temporary name, then a rename, so no reader sees half a file."""
+    return write_atomic(sidecar_path(video), (dumps(record) + "\n").encode("utf-8"))
 
 
 def mp4_comment(video: PathLike) -> str | None:

@@ -631,7 +631,12 @@ def find_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
 
 def job_resolution(models: Models, settings: JobSettings) -> int:
     """The bucket resolution a job really uses: tiny models are capped at TINY_RESOLUTION."""
-    return min(settings.resolution, TINY_RESOLUTION) if models.tiny else settings.resolution
+    return bucket_resolution(settings.resolution, models.tiny)
+
+
+def bucket_resolution(resolution: int, tiny: bool) -> int:
+    """The bucket resolution of a job asking for ``resolution`` on tiny (capped) or real models."""
+    return min(resolution, TINY_RESOLUTION) if tiny else resolution
 
 
 def prepare_input_image(image: Any) -> np.ndarray:
@@ -1092,9 +1097,11 @@ class _Job:
     def __init__(self, models: Models, settings: JobSettings, outputs_dir: str | os.PathLike,
                  profiles_dir: str | os.PathLike, on_progress: Callable[[ProgressUpdate], None] | None,
                  on_section: Callable[[SectionReport], None] | None,
-                 should_stop: Callable[[], bool] | None, image_path: str | os.PathLike | None = None) -> None:
+                 should_stop: Callable[[], bool] | None, image_path: str | os.PathLike | None = None,
+                 image_info: dict[str, str] | None = None) -> None:
         self.models = models
         self.image_path = image_path
+        self.image_info = image_info
         self.image: dict[str, str] | None = None        # the input image as the record names it
         self.record: dict[str, Any] | None = None
         self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1239,7 +1246,9 @@ class _Job:
         image_np = fp.utils.resize_and_center_crop(image, target_width=width, target_height=height)
         from PIL import Image
         Image.fromarray(image_np).save(self.outputs_dir / f"{self.job_id}.png")
-        if self.image_path is not None:
+        if self.image_info is not None:      # the job read a copy (a Ray worker's): name the original
+            self.image = dict(self.image_info)
+        elif self.image_path is not None:
             self.image = magcache_metadata.image_record(self.image_path)
         else:   # keep the exact input, so the record can make the video again
             own = self.outputs_dir / f"{self.job_id}_input.png"
@@ -1387,7 +1396,8 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
             on_section: Callable[[SectionReport], None] | None = None,
             should_stop: Callable[[], bool] | None = None,
             profiles_dir: str | os.PathLike = "magcache_profiles",
-            image_path: str | os.PathLike | None = None) -> JobResult:
+            image_path: str | os.PathLike | None = None,
+            image_info: dict[str, str] | None = None) -> JobResult:
     """Generate one video, section by section, and say how it went.
 
     After every section the video so far is written to
@@ -1407,6 +1417,10 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
     the MP4's ``comment`` tag; see :mod:`magcache_metadata`).  ``image_path``
     names the file ``input_image`` was read from, for that record; without
     it the input is saved as ``<job id>_input.png`` and that file is named.
+    ``image_info`` (``magcache_metadata.image_record`` of the original) is
+    what the record names instead, when the file read is a copy elsewhere
+    (a Ray worker's), so the record is the one a local run would write.
     """
-    job = _Job(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop, image_path)
+    job = _Job(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop, image_path,
+               image_info)
     return job.run(input_image)

@@ -133,3 +133,24 @@ def test_single_job_writes_output_and_calibration_profile(tmp_path: Path, image:
     data = json.loads(profiles[0].read_text())
     assert data["variant"] == "framepack" and data["num_steps"] == 5 and len(data["ratios"]) == 5
     assert frame_count(out) == 37
+
+
+def test_ray_flag_without_ray_names_the_install_command(image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    import magcache_app
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))    # main() sets it when unset; keep it test-local
+    monkeypatch.setitem(sys.modules, "ray", None)          # as if Ray were not installed: `import ray` fails
+    monkeypatch.delitem(sys.modules, "magcache_ray", raising=False)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(image)}) + "\n")
+    assert gen.main(["--jobs", str(jobs), "--tiny", "--ray"]) == 2
+    assert "pip install -r requirements-ray.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        magcache_app.main("framepack", ["--tiny", "--ray"])
+    assert "pip install -r requirements-ray.txt" in str(exc.value.code)
+    with pytest.raises(SystemExit):
+        gen.main(["--image", str(image), "--tiny", "--ray"])     # --ray runs a jobs file
+    assert "--ray runs a --jobs file" in capsys.readouterr().err
