@@ -517,3 +517,20 @@ def test_bad_inputs_end_the_job_with_a_message(servers: Any, capfd: pytest.Captu
     after = server.generate(client=client, **ONE_SECTION)
     assert after["report"]["status"] == "done"
     assert math.isfinite(after["report"]["seconds"])
+
+
+def test_a_profile_made_for_this_job_is_offered_first(tmp_path: pathlib.Path) -> None:
+    def profile(name: str, resolution: int, steps: int, model: str | None = "tiny-random") -> None:
+        magcache_core.MagCacheProfile(variant="framepack", num_steps=steps, resolution=resolution,
+                                      ratios=[1.0] * steps, model=model).save(tmp_path / name)
+
+    profile("a_other_steps.json", 128, 30)
+    profile("b_other_size.json", 640, 25)
+    profile("c_this_job.json", 120, 25)            # 120 px frames pick the 128-px table, as this app's do
+    profile("d_real_model.json", 128, 25, model="lllyasviel/FramePackI2V_HY")
+    catalog = magcache_app.ProfileCatalog("framepack", tmp_path, model="tiny-random", resolution=128)
+    assert [value for _, value in catalog.choices(25)] == \
+        ["c_this_job.json", "library", "a_other_steps.json", "b_other_size.json"]
+    assert [value for _, value in catalog.choices(30)] == \
+        ["a_other_steps.json", "library", "b_other_size.json", "c_this_job.json"]
+    assert "1 measured on lllyasviel/FramePackI2V_HY" in catalog.left_out()
