@@ -39,6 +39,7 @@ import math
 import numbers
 import os
 import pathlib
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
@@ -80,6 +81,16 @@ RESAMPLE_MODES = ("magnitude", "nearest")
 PROFILE_FORMAT = "magcache-framepack-profile"
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# Checkpoint names that denote the same weights, mapped to the name profiles compare.
+# diffusers loads its HunyuanVideoFramepackTransformer3DModel from the very Hub
+# repositories FramePack's demos load its packed model from (lllyasviel/FramePackI2V_HY,
+# lllyasviel/FramePack_F1_I2V_HY_20250503: diffusers-format weights that both classes
+# read, same parameter names), so the Hub id is the canonical name and needs no entry
+# here; a local snapshot of it in the Hub cache (.../models--owner--name/snapshots/<rev>)
+# is mapped back to it by canonical_model_id.  Add an entry only for another copy
+# of the same weights under another name.
+CHECKPOINT_ALIASES: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -221,6 +232,27 @@ def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
 # Profiles and configuration
 # ---------------------------------------------------------------------------
 
+def canonical_model_id(name: str | None) -> str | None:
+    """The name under which a checkpoint is compared: Hub id, from a Hub cache path too, aliases resolved."""
+    if not name:
+        return None
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)", name)
+    if match:
+        name = f"{match.group(1)}/{match.group(2)}"
+    return CHECKPOINT_ALIASES.get(name, name)
+
+
+def checkpoint_id(transformer: torch.nn.Module, default: str | None = None) -> str | None:
+    """The checkpoint a loaded transformer came from (its ``from_pretrained`` name), canonical; else ``default``.
+
+    The same for FramePack's packed model and for diffusers' model loaded from
+    the same repository, so a profile calibrated on one is accepted for the other.
+    """
+    config = getattr(transformer, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    return canonical_model_id(name) or default
+
+
 @dataclasses.dataclass
 class MagCacheProfile:
     """Calibrated ratios saved as JSON, to be reused by later jobs."""
@@ -261,7 +293,8 @@ class MagCacheProfile:
         if variant is not None and self.variant != variant:
             raise ValueError(f"this profile was calibrated for {self.variant!r}, not {variant!r}: "
                              f"calibrate {variant!r} or use its published ratios")
-        if model is not None and self.model is not None and self.model != model:
+        if model is not None and self.model is not None and \
+                canonical_model_id(self.model) != canonical_model_id(model):
             raise ValueError(f"this profile was calibrated on {self.model!r}, not {model!r}: "
                              "its ratios describe another model; calibrate this one or use the published ratios")
 
