@@ -687,20 +687,25 @@ def format_speed_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_engine_comparison(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of this engine against diffusers' own MagCache hook, for every CFG scale measured."""
+    """Markdown table of this engine against diffusers' own MagCache hook, for every CFG scale measured.
+
+    The CPU-time columns (CPU only) are the steadier estimate where other programs share the machine.
+    """
     lines = ["| CFG | setting | engine | computed steps per branch | ideal speedup | measured speedup | % of ideal "
-             "| skipped/computed step cost | max latent diff vs off |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "| CPU-time speedup | % of ideal (CPU time) | skipped/computed step cost | max latent diff vs off |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("engine") is None:
             continue
         cost = "-" if r["skipped_step_cost"] is None else f"{100 * r['skipped_step_cost']:.2f}%"
         per_branch = " / ".join(str(c) for c in r.get("computed_per_branch", []))
         name = r["setting"].split(":", 1)[1] if r["setting"].startswith("diffusers:") else r["setting"]
+        cpu = r.get("measured_speedup_cpu_time")
+        cpu_cols = "- | -" if cpu is None else f"{cpu:.2f}x | {100 * cpu / r['ideal_speedup']:.1f}%"
         lines.append(
             f"| {r['cfg']:g} | {name} | {'diffusers hook' if r['engine'] == 'diffusers' else 'this engine'} "
             f"| {per_branch} of {r['total_steps']} | {r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x "
-            f"| {100 * r['efficiency']:.1f}% | {cost} | {r['max_latent_diff']:.3g} |")
+            f"| {100 * r['efficiency']:.1f}% | {cpu_cols} | {cost} | {r['max_latent_diff']:.3g} |")
     return "\n".join(lines)
 
 

@@ -331,3 +331,33 @@ def test_calibration_ratios_equal_independent_norms(pipe):
             cur, prev = tails[s * STEPS + t].double(), tails[s * STEPS + t - 1].double()
             ratio = (cur.norm(dim=-1) / prev.norm(dim=-1)).mean().item()
             assert report.ratios[t] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_speed_bench_times_the_diffusers_pipeline(tmp_path, capsys):
+    import json
+
+    import diffusers
+
+    import magcache_bench as bench
+
+    compare = hasattr(diffusers, "MagCacheConfig")
+    out = tmp_path / "speed.json"
+    args = ["speed", "--size", "tiny", "--model", "diffusers", "--cfg", "3", "--repeats", "1", "--warmup", "0",
+            "--json", str(out)] + (["--compare-diffusers"] if compare else [])
+    assert bench.main(args) == 0
+    table = capsys.readouterr().out
+    rows = {r["setting"]: r for r in json.loads(out.read_text())}
+    off = rows["off"]
+    assert (off["model"], off["cfg"], off["computed_per_branch"], off["max_latent_diff"]) == ("diffusers", 3.0,
+                                                                                             [25, 25], 0.0)
+    for name, params in mc.PRESETS.items():
+        computed = mc.skip_schedule(mc.FRAMEPACK_MAG_RATIOS, 25, *params).count(False)
+        row = rows[name]
+        assert row["computed_steps"] == computed and row["computed_per_branch"] == [computed, computed]
+        assert row["ideal_speedup"] == pytest.approx(25 / computed)
+        assert row["skipped_step_cost"] is not None and 0 < row["max_latent_diff"] < 1
+        if compare:
+            hook = rows[f"diffusers:{name}"]
+            assert hook["engine"] == "diffusers" and len(hook["computed_per_branch"]) == 2
+            assert hook["computed_steps"] == sum(hook["computed_per_branch"]) / 2
+    assert ("diffusers hook" in table) == compare
