@@ -238,12 +238,21 @@ def section_inputs(shape: BenchShape, device: torch.device, dtype: torch.dtype, 
 # Settings
 # ---------------------------------------------------------------------------
 
+ENGINES = ("magcache", "diffusers")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeedSetting:
-    """One row of the speed table: ``params`` None means MagCache off (FramePack's own forward)."""
+    """One row of the speed table: ``params`` None means MagCache off (the model's own forward).
+
+    ``engine`` "magcache" is this project's engine; "diffusers" is diffusers' own
+    MagCache hook (``transformer.enable_cache(diffusers.MagCacheConfig(...))``)
+    with the same thresh/K/retention and ratios, for ``--compare-diffusers``.
+    """
 
     name: str
     params: tuple[float, int, float] | None = None
+    engine: str = "magcache"
 
 
 def parse_setting(text: str) -> tuple[float, int, float]:
@@ -273,13 +282,19 @@ def setting_name(params: tuple[float, int, float]) -> str:
 
 
 def speed_settings(presets: dict[str, tuple[float, int, float]],
-                   custom: Sequence[tuple[float, int, float]] = ()) -> list[SpeedSetting]:
-    """Uncached first, then every preset, then each custom setting (duplicates dropped)."""
+                   custom: Sequence[tuple[float, int, float]] = (),
+                   compare_diffusers: bool = False) -> list[SpeedSetting]:
+    """Uncached first, then every preset, then each custom setting (duplicates dropped).
+
+    ``compare_diffusers`` repeats every cached setting with diffusers' own hook, named ``diffusers:<name>``.
+    """
     out = [SpeedSetting("off")] + [SpeedSetting(name, tuple(p)) for name, p in presets.items()]
     for params in custom:
         s = SpeedSetting(setting_name(params), params)
         if s.name not in {o.name for o in out}:
             out.append(s)
+    if compare_diffusers:
+        out += [SpeedSetting(f"diffusers:{s.name}", s.params, "diffusers") for s in out if s.params is not None]
     return out
 
 
@@ -291,8 +306,11 @@ class CallTimer:
     """Times every transformer call and notes whether its block stack ran.
 
     Forward hooks live on the module, not on ``forward``, so they see the call
-    whether or not MagCache has replaced the instance's forward.  On CUDA each
-    boundary synchronises, so a call's time is its real device time.
+    whether or not MagCache has replaced the instance's forward.  Whether the
+    blocks ran is read off the first block's first norm (``norm1``), which runs
+    only when the block computes, also where a hook replaced the block's forward
+    (diffusers' own MagCache).  On CUDA each boundary synchronises, so a call's
+    time is its real device time.
     """
 
     def __init__(self, transformer: torch.nn.Module, device: torch.device,
@@ -304,10 +322,11 @@ class CallTimer:
         self._start = 0.0
         self._blocks_ran = False
         first_block = (list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks))[0]
+        probe = getattr(first_block, "norm1", first_block)
         self._handles = [
             transformer.register_forward_pre_hook(self._pre),
             transformer.register_forward_hook(self._post),
-            first_block.register_forward_pre_hook(self._block),
+            probe.register_forward_pre_hook(self._block),
         ]
 
     def _sync(self) -> None:
@@ -397,11 +416,113 @@ def speed_rows(timings: dict[str, list[float]], call_times: dict[str, tuple[list
     return rows
 
 
+MODELS = ("framepack", "diffusers")
+
+
+@dataclasses.dataclass
+class _Sampler:
+    """One section through a model's own sampling loop: ``sample()`` returns its latents."""
+
+    transformer: torch.nn.Module
+    sample: Callable[[], torch.Tensor]
+    source: str | None = None
+
+
+def _framepack_sampler(shape: BenchShape, dev: torch.device, dtype: torch.dtype, variant: str, seed: int,
+                       steps: int, cfg: float) -> _Sampler:
+    """FramePack's packed transformer, sampled by FramePack's ``sample_hunyuan`` (UniPC)."""
+    import magcache_pipeline as pipeline
+
+    fp = pipeline.framepack_modules()
+    transformer = build_transformer(fp.models.HunyuanVideoTransformer3DModelPacked, shape, dev, dtype, seed)
+    inputs = section_inputs(shape, dev, dtype, variant, seed + 1)
+
+    def sample() -> torch.Tensor:
+        return fp.sampler.sample_hunyuan(
+            transformer=transformer, sampler="unipc", width=shape.width, height=shape.height,
+            frames=shape.frames, real_guidance_scale=cfg, distilled_guidance_scale=10.0,
+            guidance_rescale=0.0, num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed + 2), device=dev, dtype=dtype, **inputs)
+    return _Sampler(transformer, sample, getattr(fp, "source", None))
+
+
+def _diffusers_sampler(shape: BenchShape, dev: torch.device, dtype: torch.dtype, variant: str, seed: int,
+                       steps: int, cfg: float) -> _Sampler:
+    """diffusers' transformer at the same shape, sampled by ``HunyuanVideoFramepackPipeline`` itself.
+
+    One section (``num_frames`` = one latent window), with the same text
+    conditioning as FramePack's run passed as embeddings, so the text encoders
+    do not run; the pipeline's own image encoding (the tiny VAE, and a one-layer
+    SigLIP giving ``image_tokens`` tokens) and its loop (flow-matching Euler)
+    do, and ``output_type="latent"`` skips decoding.
+    """
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import magcache_pipeline as pipeline
+
+    pipeline_class, model_class = pipeline.diffusers_framepack_classes()
+    transformer = build_transformer(model_class, shape, dev, dtype, seed)
+    side = math.isqrt(shape.image_tokens)
+    if side * side != shape.image_tokens:
+        raise ValueError(f"image_tokens = {shape.image_tokens}: the SigLIP stand-in needs a square number")
+    tiny = pipeline.build_tiny_models("framepack")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        image_encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+            hidden_size=shape.image_proj_dim, intermediate_size=2 * shape.image_proj_dim, num_hidden_layers=1,
+            num_attention_heads=2, image_size=2 * side, patch_size=2, num_channels=3))
+    feature_extractor = transformers.SiglipImageProcessor(size={"height": 2 * side, "width": 2 * side})
+    pipe = pipeline_class(
+        text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, transformer=transformer, vae=tiny.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), text_encoder_2=tiny.text_encoder_2,
+        tokenizer_2=tiny.tokenizer_2, image_encoder=image_encoder.eval(), feature_extractor=feature_extractor)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    inputs = section_inputs(shape, dev, dtype, variant, seed + 1)
+    g = torch.Generator().manual_seed(seed + 3)
+    image = torch.rand(1, 3, shape.height, shape.width, generator=g)
+
+    def sample() -> torch.Tensor:
+        out = pipe(image=image, prompt_embeds=inputs["prompt_embeds"],
+                   pooled_prompt_embeds=inputs["prompt_poolers"], prompt_attention_mask=inputs["prompt_embeds_mask"],
+                   negative_prompt_embeds=inputs["negative_prompt_embeds"],
+                   negative_pooled_prompt_embeds=inputs["negative_prompt_poolers"],
+                   negative_prompt_attention_mask=inputs["negative_prompt_embeds_mask"],
+                   height=shape.height, width=shape.width, num_frames=shape.frames,
+                   latent_window_size=shape.latent_window, num_inference_steps=steps, true_cfg_scale=cfg,
+                   guidance_scale=10.0, generator=torch.Generator("cpu").manual_seed(seed + 2),
+                   output_type="latent")
+        return out.frames[-1]
+    return _Sampler(transformer, sample, "diffusers")
+
+
+def diffusers_magcache_config(params: tuple[float, int, float], steps: int, ratios: Sequence[float]) -> Any:
+    """diffusers' own ``MagCacheConfig`` with this thresh/K/retention and ratio table.
+
+    ImportError when the installed diffusers has none (it came in 0.36).
+    """
+    import diffusers
+
+    config_class = getattr(diffusers, "MagCacheConfig", None)
+    if config_class is None:
+        raise ImportError(f"diffusers {diffusers.__version__} has no MagCacheConfig (it came in 0.36)")
+    return config_class(threshold=params[0], max_skip_steps=params[1], retention_ratio=params[2],
+                        num_inference_steps=steps, mag_ratios=list(ratios))
+
+
 def run_speed(size: str = "tiny", steps: int = 25, repeats: int = 3, warmup: int = 1,
               custom: Sequence[tuple[float, int, float]] = (), variant: str = "framepack",
               resolution: int = 640, text_tokens: int | None = None, device: str | None = None,
-              seed: int = 0, show_sampler_bars: bool = False) -> list[dict[str, Any]]:
-    """Time one FramePack section uncached and under each MagCache setting.
+              seed: int = 0, show_sampler_bars: bool = False, model: str = "framepack", cfg: float = 1.0,
+              compare_diffusers: bool = False) -> list[dict[str, Any]]:
+    """Time one section uncached and under each MagCache setting.
+
+    ``model`` "framepack" runs FramePack's packed transformer through FramePack's
+    ``sample_hunyuan``; "diffusers" runs diffusers' ``HunyuanVideoFramepackTransformer3DModel``
+    through ``HunyuanVideoFramepackPipeline``.  ``cfg`` > 1 is true CFG (two
+    transformer calls a step).  ``compare_diffusers`` (diffusers' model only)
+    adds each cached setting under diffusers' own MagCache hook.
 
     Repeats are interleaved (every setting once per round) so slow drifts of
     the machine (thermal, other load) hit all settings alike; the warm-up
@@ -412,39 +533,46 @@ def run_speed(size: str = "tiny", steps: int = 25, repeats: int = 3, warmup: int
 
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
-    fp = pipeline.framepack_modules()
+    if model not in MODELS:
+        raise ValueError(f"model {model!r}: choose one of {', '.join(MODELS)}")
+    if not (math.isfinite(cfg) and cfg >= 1.0):
+        raise ValueError(f"cfg = {cfg!r}: must be a number >= 1 (1 = no true CFG)")
+    if compare_diffusers and model != "diffusers":
+        raise ValueError("--compare-diffusers needs --model diffusers: diffusers' hook knows only its own block classes")
     shape = bench_shape(size, resolution, text_tokens, bucket=pipeline.find_bucket)
     dev = torch.device(device or shape.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--size {size} runs on CUDA but no CUDA device is available; "
                            "use --size small (CPU) or --device cpu")
     dtype = getattr(torch, shape.dtype)
-    logger.info("speed: %s (%s), %d steps, %d repeat(s) after %d warm-up round(s)",
-                shape.name, shape.describe(), steps, repeats, warmup)
-    transformer = build_transformer(fp.models.HunyuanVideoTransformer3DModelPacked, shape, dev, dtype, seed)
-    inputs = section_inputs(shape, dev, dtype, variant, seed + 1)
+    logger.info("speed: %s model, %s (%s), cfg %g, %d steps, %d repeat(s) after %d warm-up round(s)",
+                model, shape.name, shape.describe(), cfg, steps, repeats, warmup)
+    sampler = (_diffusers_sampler if model == "diffusers" else _framepack_sampler)(
+        shape, dev, dtype, variant, seed, steps, cfg)
+    transformer = sampler.transformer
+    branches = 1 if cfg == 1.0 else 2
     ratios = core.VARIANT_MAG_RATIOS[variant]
-    settings = speed_settings(core.PRESETS, custom)
+    settings = speed_settings(core.PRESETS, custom, compare_diffusers)
     configs = {s.name: core.MagCacheConfig(magcache_thresh=s.params[0], magcache_K=s.params[1],
                                            retention_ratio=s.params[2], num_steps=steps, mag_ratios=ratios,
                                            variant=variant)
-               for s in settings if s.params is not None}
+               for s in settings if s.params is not None and s.engine == "magcache"}
+    hook_configs = {s.name: diffusers_magcache_config(s.params, steps, ratios)
+                    for s in settings if s.params is not None and s.engine == "diffusers"}
+    reference: list[torch.Tensor] = []   # the uncached latents
 
-    def one_run(s: SpeedSetting) -> tuple[float, float, list[tuple[float, bool]], int, int, int]:
-        """-> (seconds, process CPU seconds, [(call seconds, blocks ran)], computed steps, peak bytes, bytes after)."""
-        state = core.enable_magcache(transformer, configs[s.name]) if s.params else None
+    def one_run(s: SpeedSetting) -> tuple[float, float, list[tuple[float, bool]], int, int, int, float]:
+        """-> (seconds, CPU seconds, [(call seconds, blocks ran)], computed, peak bytes, bytes after, max diff)."""
+        state = core.enable_magcache(transformer, configs[s.name]) if s.name in configs else None
+        if s.name in hook_configs:
+            transformer.enable_cache(hook_configs[s.name])
         timer = CallTimer(transformer, dev, state.residual_cache_bytes if state is not None else None)
         try:
             with core.magcache_run(transformer) as report, _sampler_bars_hidden(not show_sampler_bars):
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
-                latents = fp.sampler.sample_hunyuan(
-                    transformer=transformer, sampler="unipc", width=shape.width, height=shape.height,
-                    frames=shape.frames, real_guidance_scale=1.0, distilled_guidance_scale=10.0,
-                    guidance_rescale=0.0, num_inference_steps=steps,
-                    generator=torch.Generator("cpu").manual_seed(seed + 2), device=dev, dtype=dtype,
-                    **inputs)
+                latents = sampler.sample()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
@@ -453,17 +581,24 @@ def run_speed(size: str = "tiny", steps: int = 25, repeats: int = 3, warmup: int
             timer.remove()
             if state is not None:
                 core.disable_magcache(transformer)
+            if s.name in hook_configs:
+                transformer.disable_cache()
         if not torch.isfinite(latents).all():
             logger.warning("setting %s produced non-finite latents (random weights too large?)", s.name)
+        if s.params is None and not reference:
+            reference.append(latents)
+        diff = (latents.float() - reference[0].float()).abs().max().item() if reference else math.nan
         ran = [r for _, r in timer.calls]
         if report is not None:
-            if any(ran) and sorted(i for i, r in enumerate(ran) if r) != sorted(report.computed):
-                logger.warning("setting %s: the engine reports computed steps %s but the blocks ran at calls %s",
-                               s.name, report.computed, [i for i, r in enumerate(ran) if r])
+            step_ran = ran[::branches]
+            if any(ran) and sorted(i for i, r in enumerate(step_ran) if r) != sorted(report.computed):
+                logger.warning("setting %s: the engine reports computed steps %s but the blocks ran at steps %s",
+                               s.name, report.computed, [i for i, r in enumerate(step_ran) if r])
             computed = report.computed_count
         else:
-            computed = sum(ran)
-        return seconds, cpu_seconds, timer.calls, computed, timer.peak_bytes, after
+            computed = sum(ran) / branches
+            computed = int(computed) if float(computed).is_integer() else computed
+        return seconds, cpu_seconds, timer.calls, computed, timer.peak_bytes, after, diff
 
     load_before = _load_average()
     for r in range(warmup):
@@ -474,21 +609,26 @@ def run_speed(size: str = "tiny", steps: int = 25, repeats: int = 3, warmup: int
     cpu_timings: dict[str, list[float]] = {s.name: [] for s in settings}
     calls: dict[str, tuple[list[float], list[float]]] = {s.name: ([], []) for s in settings}
     computed: dict[str, int] = {}
-    extra: dict[str, dict[str, Any]] = {s.name: {"residual_cache_bytes": 0} for s in settings}
+    extra: dict[str, dict[str, Any]] = {s.name: {"residual_cache_bytes": 0, "max_latent_diff": 0.0,
+                                                 "engine": s.engine if s.params else None} for s in settings}
     for r in range(repeats):
         for s in settings:
-            seconds, cpu_seconds, run_calls, n_computed, peak, after = one_run(s)
+            seconds, cpu_seconds, run_calls, n_computed, peak, after, diff = one_run(s)
             timings[s.name].append(seconds)
             cpu_timings[s.name].append(cpu_seconds)
             for t, ran in run_calls:
                 calls[s.name][0 if ran else 1].append(t)
             if computed.setdefault(s.name, n_computed) != n_computed:
-                logger.warning("setting %s computed %d steps, earlier %d", s.name, n_computed, computed[s.name])
+                logger.warning("setting %s computed %s steps, earlier %s", s.name, n_computed, computed[s.name])
             e = extra[s.name]
             e["residual_cache_bytes"] = max(e["residual_cache_bytes"], peak)
             e["residual_cache_bytes_after_run"] = after
-            logger.info("round %d/%d: %-22s %.3fs (%d/%d steps computed)",
+            e["max_latent_diff"] = max(e["max_latent_diff"], diff)
+            e["computed_per_branch"] = [sum(ran for _, ran in run_calls[b::branches]) for b in range(branches)]
+            logger.info("round %d/%d: %-22s %.3fs (%s/%d steps computed)",
                         r + 1, repeats, s.name, seconds, n_computed, steps)
+    for name in hook_configs:
+        extra[name]["residual_cache_bytes"] = None   # diffusers' hook keeps its own state: not measured here
     if dev.type == "cpu":
         # Process CPU time barely moves when other programs share the machine, wall time does:
         # on a busy CPU this is the steadier estimate of the same speed-up.
@@ -497,9 +637,9 @@ def run_speed(size: str = "tiny", steps: int = 25, repeats: int = 3, warmup: int
             extra[s.name]["cpu_seconds"] = statistics.median(cpu_timings[s.name])
             extra[s.name]["measured_speedup_cpu_time"] = cpu_base / extra[s.name]["cpu_seconds"]
     common = {
-        "size": shape.name, "shape": shape.describe(), "variant": variant,
+        "size": shape.name, "shape": shape.describe(), "variant": variant, "model": model, "cfg": cfg,
         "device": device_name(dev), "dtype": shape.dtype, "torch": torch.__version__,
-        "repeats": repeats, "warmup": warmup, "framepack_source": getattr(fp, "source", None),
+        "repeats": repeats, "warmup": warmup, "framepack_source": sampler.source,
         "load_average": [load_before, _load_average()],
     }
     return speed_rows(timings, calls, computed, steps, settings, extra, common)
@@ -528,7 +668,8 @@ def format_speed_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
     head = rows[0]
-    lines = [f"device: {head['device']}; torch {head['torch']}; size {head['size']}: {head['shape']}; "
+    lines = [f"model: {head.get('model', 'framepack')}, cfg {head.get('cfg', 1.0):g}; "
+             f"device: {head['device']}; torch {head['torch']}; size {head['size']}: {head['shape']}; "
              f"median of {head['repeats']} interleaved repeat(s) after {head['warmup']} warm-up round(s)"
              + (f"; 1-min load average {head['load_average'][0]} -> {head['load_average'][1]}"
                 if head.get("load_average") and head["load_average"][0] is not None else ""), "",
@@ -542,6 +683,29 @@ def format_speed_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['setting']} | {r['total_steps']} | {r['computed_steps']} | {r['ideal_speedup']:.2f}x "
             f"| {r['measured_speedup']:.2f}x | {100 * r['efficiency']:.1f}% | {r['seconds']:.3f} "
             f"| {cost} | {format_bytes(r['residual_cache_bytes'])} | {'-' if cpu is None else f'{cpu:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def format_engine_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of this engine against diffusers' own MagCache hook, for every CFG scale measured.
+
+    The CPU-time columns (CPU only) are the steadier estimate where other programs share the machine.
+    """
+    lines = ["| CFG | setting | engine | computed steps per branch | ideal speedup | measured speedup | % of ideal "
+             "| CPU-time speedup | % of ideal (CPU time) | skipped/computed step cost | max latent diff vs off |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("engine") is None:
+            continue
+        cost = "-" if r["skipped_step_cost"] is None else f"{100 * r['skipped_step_cost']:.2f}%"
+        per_branch = " / ".join(str(c) for c in r.get("computed_per_branch", []))
+        name = r["setting"].split(":", 1)[1] if r["setting"].startswith("diffusers:") else r["setting"]
+        cpu = r.get("measured_speedup_cpu_time")
+        cpu_cols = "- | -" if cpu is None else f"{cpu:.2f}x | {100 * cpu / r['ideal_speedup']:.1f}%"
+        lines.append(
+            f"| {r['cfg']:g} | {name} | {'diffusers hook' if r['engine'] == 'diffusers' else 'this engine'} "
+            f"| {per_branch} of {r['total_steps']} | {r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x "
+            f"| {100 * r['efficiency']:.1f}% | {cpu_cols} | {cost} | {r['max_latent_diff']:.3g} |")
     return "\n".join(lines)
 
 
@@ -1094,6 +1258,16 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _cfg_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a CFG scale is a number >= 1 (1 = no true CFG)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -1129,6 +1303,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=_positive_int, default=None,
                     help="CPU threads for torch (default: torch's choice); 1 is steadier on a busy machine")
     sp.add_argument("--show-sampler-bars", action="store_true", help="let FramePack's sampler draw its tqdm bars")
+    sp.add_argument("--model", choices=MODELS, default="framepack",
+                    help="framepack: FramePack's packed model and sampler; diffusers: diffusers' "
+                         "HunyuanVideoFramepackTransformer3DModel in its HunyuanVideoFramepackPipeline")
+    sp.add_argument("--cfg", type=_cfg_arg, action="append", default=[], metavar="SCALE",
+                    help="true CFG scale, 1 = none (repeatable; default 1, or 1 and 3 with --compare-diffusers)")
+    sp.add_argument("--compare-diffusers", action="store_true",
+                    help="with --model diffusers: add diffusers' own MagCache hook at every cached setting")
     sp.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
 
     cp = sub.add_parser("compare", help="PSNR / SSIM / LPIPS of one video against a reference")
@@ -1172,18 +1353,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "speed":
         if args.threads:
             torch.set_num_threads(args.threads)
+        cfgs = args.cfg or ([1.0, 3.0] if args.compare_diffusers else [1.0])
+        rows = []
         try:
-            rows = run_speed(size=args.size, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
-                             custom=args.setting, variant=args.variant, resolution=args.resolution,
-                             text_tokens=args.text_tokens, device=args.device, seed=args.seed,
-                             show_sampler_bars=args.show_sampler_bars)
-        except ValueError as exc:
+            for cfg in cfgs:
+                cfg_rows = run_speed(size=args.size, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+                                     custom=args.setting, variant=args.variant, resolution=args.resolution,
+                                     text_tokens=args.text_tokens, device=args.device, seed=args.seed,
+                                     show_sampler_bars=args.show_sampler_bars, model=args.model, cfg=cfg,
+                                     compare_diffusers=args.compare_diffusers)
+                print(format_speed_table(cfg_rows) + "\n")
+                rows += cfg_rows
+        except (ValueError, ImportError) as exc:
             parser.error(str(exc))
         except RuntimeError as exc:
             if "CUDA" not in str(exc):
                 raise
             parser.error(str(exc))
-        print(format_speed_table(rows))
+        if args.compare_diffusers:
+            print(format_engine_comparison(rows))
         if args.json:
             write_json(args.json, rows)
         return 0

@@ -6,9 +6,13 @@ steps are skipped follows from calibrated per-step magnitude ratios alone, so th
 whole plan is known before the first tensor is seen: :func:`skip_schedule` is a
 pure function, and what the patched transformer does is exactly that plan.
 
-This module knows nothing of Gradio and does not import FramePack.  It patches
-one instance of FramePack's ``HunyuanVideoTransformer3DModelPacked`` (duck-typed)
-with :func:`enable_magcache` and restores it with :func:`disable_magcache`.
+This module knows nothing of Gradio and imports neither FramePack nor diffusers'
+pipelines.  It patches one instance of FramePack's
+``HunyuanVideoTransformer3DModelPacked`` or of diffusers'
+``HunyuanVideoFramepackTransformer3DModel`` with :func:`enable_magcache` and
+restores it with :func:`disable_magcache`; what differs between the two lives in
+:mod:`magcache_adapters`, everything else (plan, runs, residuals, calibration)
+is shared.
 
 Beyond the published reference behaviour it:
 
@@ -36,12 +40,14 @@ import math
 import numbers
 import os
 import pathlib
-import sys
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
 import torch
+
+from magcache_adapters import ModelAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +89,16 @@ PUBLISHED_RESOLUTION = 640
 PUBLISHED_STEPS = 25
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# Checkpoint names that denote the same weights, mapped to the name profiles compare.
+# diffusers loads its HunyuanVideoFramepackTransformer3DModel from the very Hub
+# repositories FramePack's demos load its packed model from (lllyasviel/FramePackI2V_HY,
+# lllyasviel/FramePack_F1_I2V_HY_20250503: diffusers-format weights that both classes
+# read, same parameter names), so the Hub id is the canonical name and needs no entry
+# here; a local snapshot of it in the Hub cache (.../models--owner--name/snapshots/<rev>)
+# is mapped back to it by canonical_model_id.  Add an entry only for another copy
+# of the same weights under another name.
+CHECKPOINT_ALIASES: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +331,27 @@ def frame_resolution(height: int, width: int) -> float:
 # Profiles and configuration
 # ---------------------------------------------------------------------------
 
+def canonical_model_id(name: str | None) -> str | None:
+    """The name under which a checkpoint is compared: Hub id, from a Hub cache path too, aliases resolved."""
+    if not name:
+        return None
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)", name)
+    if match:
+        name = f"{match.group(1)}/{match.group(2)}"
+    return CHECKPOINT_ALIASES.get(name, name)
+
+
+def checkpoint_id(transformer: torch.nn.Module, default: str | None = None) -> str | None:
+    """The checkpoint a loaded transformer came from (its ``from_pretrained`` name), canonical; else ``default``.
+
+    The same for FramePack's packed model and for diffusers' model loaded from
+    the same repository, so a profile calibrated on one is accepted for the other.
+    """
+    config = getattr(transformer, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    return canonical_model_id(name) or default
+
+
 @dataclasses.dataclass
 class MagCacheProfile:
     """Calibrated ratios saved as JSON, to be reused by later jobs."""
@@ -355,7 +392,8 @@ class MagCacheProfile:
         if variant is not None and self.variant != variant:
             raise ValueError(f"this profile was calibrated for {self.variant!r}, not {variant!r}: "
                              f"calibrate {variant!r} or use its published ratios")
-        if model is not None and self.model is not None and self.model != model:
+        if model is not None and self.model is not None and \
+                canonical_model_id(self.model) != canonical_model_id(model):
             raise ValueError(f"this profile was calibrated on {self.model!r}, not {model!r}: "
                              "its ratios describe another model; calibrate this one or use the published ratios")
 
@@ -454,6 +492,22 @@ class MagCacheConfig:
 # Run state
 # ---------------------------------------------------------------------------
 
+def _schedule_position(timestep: Any) -> tuple[int, int] | None:
+    """(schedule storage address, step index) when ``timestep`` is one entry of a schedule tensor, else None.
+
+    diffusers' pipelines iterate ``scheduler.timesteps`` and pass ``t.expand(batch)``:
+    every element of that view is the same schedule entry (all strides 0) and its
+    storage offset is the step index.  Only tensor metadata is read.  A timestep
+    computed per step (FramePack's wrapper) owns its storage and gives None.
+    """
+    if not isinstance(timestep, torch.Tensor) or any(timestep.stride()) and timestep.numel() > 1:
+        return None
+    storage = timestep.untyped_storage()
+    if storage.nbytes() <= timestep.element_size():
+        return None
+    return storage.data_ptr(), timestep.storage_offset()
+
+
 @dataclasses.dataclass
 class RunReport:
     """What one sampling run (one FramePack section) did, filled in as it goes."""
@@ -490,8 +544,9 @@ class _Run:
     started: float
     step: int = -1
     branch: int = 0
-    last_input: torch.Tensor | None = None      # identity marks a second CFG branch of the same step
-    last_timestep: float | None = None
+    last_timestep: torch.Tensor | None = None   # identity marks a second CFG branch of the same step
+    run_key: torch.Tensor | None = None         # the caller's per-run tensor (guidance); held, so never reused
+    schedule: tuple[int, int] | None = None     # (schedule storage, index) when the timestep is a schedule view
     residuals: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     calib_prev: torch.Tensor | None = None      # residual of the previous computed step, branch 0
 
@@ -499,14 +554,21 @@ class _Run:
 class MagCacheState:
     """Everything MagCache keeps on one transformer instance."""
 
-    def __init__(self, config: MagCacheConfig, original_forward: Any | None) -> None:
+    def __init__(self, config: MagCacheConfig, original_forward: Any | None,
+                 adapter: ModelAdapter | None = None) -> None:
         self.config = config
+        self.adapter = adapter   # what is particular to the patched model's class
         self.plan = config.schedule()
         self.runs: list[RunReport] = []
         self._run: _Run | None = None
         self._explicit = False   # inside magcache_run(): run boundaries come from the caller
         self._original_forward = original_forward   # an instance-level forward that existed before us
         self._warned: set[str] = set()
+
+    @property
+    def original_forward(self) -> Any | None:
+        """The instance-level forward the model had before MagCache (e.g. an offload hook's), or None."""
+        return self._original_forward
 
     @property
     def last_run(self) -> RunReport | None:
@@ -555,35 +617,56 @@ class MagCacheState:
 
     # -- per call ---------------------------------------------------------
 
-    def begin_call(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> tuple[int, int]:
+    def begin_call(self, timestep: torch.Tensor, run_key: torch.Tensor | None = None) -> tuple[int, int]:
         """Place this transformer call in (step, CFG branch), starting a run if needed.
 
-        A call that receives the very tensor the previous call received is the
-        next CFG branch of the same step (FramePack's wrapper passes one tensor
-        to both).  Otherwise it is a new step; outside :func:`magcache_run` a new
-        run begins when the previous one has done all its steps or the timestep
-        went up (every run starts at the highest noise level).
+        Both callers create one timestep tensor per step and pass that very
+        object to both CFG branches (FramePack's wrapper: ``(sigma * 1000).to(dtype)``;
+        diffusers' pipeline: ``t.expand(batch)``), whatever the dtypes of
+        latents and model.  So a call that receives the timestep object of the
+        previous call is the next branch of the same step, and any other call is
+        a new step.  The previous timestep is held, so its id cannot be reused.
+
+        A new step starts a new run (steps from 0, no residuals) when
+
+        * ``run_key`` is another object than the run's: the caller creates it once
+          per run (FramePack's ``sample_hunyuan`` builds its guidance tensor per
+          section, diffusers' pipeline per call), or
+        * the timestep is a view into a schedule tensor (diffusers iterates
+          ``scheduler.timesteps``; its storage offset is the step index) and that
+          schedule changed or its index did not go forward: the next section, or
+        * outside :func:`magcache_run`, the run has done all its steps.
+
+        None of this reads a value from the device: no GPU sync per call.
         """
         run = self._run
-        if run is not None and run.step >= 0 and hidden_states is run.last_input:
+        if run is not None and run.step >= 0 and timestep is run.last_timestep:
             run.branch += 1
             return run.step, run.branch
-        t = None if self._explicit else float(timestep.flatten()[0])
-        if run is None or (t is not None and (
-                run.step + 1 >= run.report.num_steps
-                or (run.last_timestep is not None and t > run.last_timestep))):
+        schedule = _schedule_position(timestep)
+        if run is None or (run.step >= 0 and self._run_ended(run, run_key, schedule)):
             if run is not None:
                 self.end_run(interrupted=run.step + 1 < run.report.num_steps)
             run = self._start_for_call()
-        run.last_timestep = t
+        run.last_timestep, run.schedule = timestep, schedule
+        if run.run_key is None:
+            run.run_key = run_key
         run.step += 1
         run.branch = 0
-        run.last_input = hidden_states
         if run.step >= run.report.num_steps:
             self._warn_once("steps", "MagCache: the sampler ran more steps than num_steps=%d; extra steps are "
                             "computed. Set MagCacheConfig.num_steps to the sampler's step count.",
                             run.report.num_steps)
         return run.step, run.branch
+
+    def _run_ended(self, run: _Run, run_key: torch.Tensor | None,
+                   schedule: tuple[int, int] | None) -> bool:
+        """Does a new step with these signals belong to a new run?  (See :meth:`begin_call`.)"""
+        if run_key is not None and run.run_key is not None and run_key is not run.run_key:
+            return True
+        if schedule is not None and run.schedule is not None:
+            return schedule[0] != run.schedule[0] or schedule[1] <= run.schedule[1]
+        return not self._explicit and run.step + 1 >= run.report.num_steps
 
     def _start_for_call(self) -> _Run:
         self.start_run()
@@ -676,9 +759,6 @@ class MagCacheState:
 # ---------------------------------------------------------------------------
 
 _STATE_ATTR = "_magcache_state"
-_REQUIRED_ATTRS = ("process_input_hidden_states", "x_embedder", "time_text_embed", "context_embedder",
-                   "transformer_blocks", "single_transformer_blocks", "norm_out", "proj_out",
-                   "gradient_checkpointing_method", "config")
 
 
 def get_magcache_state(transformer: torch.nn.Module) -> MagCacheState | None:
@@ -688,23 +768,26 @@ def get_magcache_state(transformer: torch.nn.Module) -> MagCacheState | None:
 def enable_magcache(transformer: torch.nn.Module, config: MagCacheConfig) -> MagCacheState:
     """Patch this transformer instance (never its class) to run MagCache.
 
+    Works on FramePack's ``HunyuanVideoTransformer3DModelPacked`` and on
+    diffusers' ``HunyuanVideoFramepackTransformer3DModel``: what differs between
+    them is in the adapter :func:`magcache_adapters.adapter_for` picks.
     Enabling an already enabled instance replaces its settings and state.
     """
     if not isinstance(config, MagCacheConfig):
         raise TypeError(f"config must be a MagCacheConfig, got {type(config).__name__}")
-    missing = [a for a in _REQUIRED_ATTRS if not hasattr(transformer, a)]
-    if missing:
-        raise TypeError(f"{type(transformer).__name__} does not look like FramePack's "
-                        f"HunyuanVideoTransformer3DModelPacked (missing: {', '.join(missing)})")
+    adapter = adapter_for(transformer)
     old = get_magcache_state(transformer)
     if old is not None:
         old.end_run(interrupted=True)
+        if old.adapter is not None:
+            old.adapter.uninstall()
         original = old._original_forward
     else:
         original = transformer.__dict__.get("forward")
     if getattr(transformer, "enable_teacache", False):
         logger.warning("MagCache replaces FramePack's TeaCache on this transformer while enabled")
-    state = MagCacheState(config, original)
+    state = MagCacheState(config, original, adapter)
+    adapter.install(transformer, state)
     transformer.__dict__[_STATE_ATTR] = state
     transformer.__dict__["forward"] = _magcache_forward.__get__(transformer)
     plan = state.plan
@@ -720,6 +803,8 @@ def disable_magcache(transformer: torch.nn.Module) -> None:
     if state is None:
         return
     state.end_run(interrupted=True)
+    if state.adapter is not None:
+        state.adapter.uninstall()
     if state._original_forward is not None:
         transformer.__dict__["forward"] = state._original_forward
     else:
@@ -738,11 +823,15 @@ def magcache(transformer: torch.nn.Module, config: MagCacheConfig) -> Iterator[M
 
 @contextlib.contextmanager
 def magcache_run(transformer: torch.nn.Module) -> Iterator[RunReport | None]:
-    """Scope one sampling run (one section): clean state in, report closed out.
+    """Scope one sampling call: clean state in, reports closed out.
 
     Inside it, steps are counted from 0 no matter how the previous run ended,
     and no timestep is read back from the device.  Yields the live
-    :class:`RunReport`, or None when MagCache is not enabled on ``transformer``.
+    :class:`RunReport` of its first run, or None when MagCache is not enabled on
+    ``transformer``.  A call that samples several sections (diffusers' FramePack
+    pipeline) still makes one run per section, told apart by the caller's
+    signals (see :meth:`MagCacheState.begin_call`): they follow the first in
+    ``state.runs``, and every run begun in the scope is closed when it ends.
     """
     state = get_magcache_state(transformer)
     if state is None:
@@ -756,95 +845,12 @@ def magcache_run(transformer: torch.nn.Module) -> Iterator[RunReport | None]:
         ok = True
     finally:
         state._explicit = False
-        if state._run is not None and state._run.report is report:
+        if state._run is not None and state._run.report.index >= report.index:
             state.end_run(interrupted=not ok)
 
 
-def _framepack_attention_mask(model: torch.nn.Module, encoder_attention_mask: torch.Tensor,
-                              img_seq_len: int, txt_seq_len: int) -> tuple:
-    """FramePack's var-len attention arguments for batch > 1, from the model's own module."""
-    for cls in type(model).__mro__:
-        if "process_input_hidden_states" in cls.__dict__:
-            get_cu_seqlens = getattr(sys.modules[cls.__module__], "get_cu_seqlens")
-            cu = get_cu_seqlens(encoder_attention_mask, img_seq_len)
-            return cu, cu, img_seq_len + txt_seq_len, img_seq_len + txt_seq_len
-    raise TypeError("cannot find FramePack's get_cu_seqlens for batch > 1")
-
-
-def _magcache_forward(self: Any, hidden_states: torch.Tensor, timestep: torch.Tensor,
-                      encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
-                      pooled_projections: torch.Tensor, guidance: torch.Tensor,
-                      latent_indices: torch.Tensor | None = None,
-                      clean_latents: torch.Tensor | None = None, clean_latent_indices: torch.Tensor | None = None,
-                      clean_latents_2x: torch.Tensor | None = None,
-                      clean_latent_2x_indices: torch.Tensor | None = None,
-                      clean_latents_4x: torch.Tensor | None = None,
-                      clean_latent_4x_indices: torch.Tensor | None = None,
-                      image_embeddings: torch.Tensor | None = None,
-                      attention_kwargs: dict | None = None, return_dict: bool = True) -> Any:
-    """Drop-in forward of the packed transformer with MagCache.
-
-    A computed step runs the same operations in the same order as FramePack's
-    forward (so its output is bitwise the same) and keeps the stack residual of
-    the output tokens.  A skipped step embeds only the noisy latents, adds the
-    cached residual and runs the output head: nothing else.
-    """
+def _magcache_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The patched instance's forward: its adapter's, with this instance's state."""
     state: MagCacheState = self.__dict__[_STATE_ATTR]
-    run_ckpt = self.gradient_checkpointing_method
-    batch_size, _, num_frames, height, width = hidden_states.shape
-    p, p_t = self.config["patch_size"], self.config["patch_size_t"]
-    t_out, h_out, w_out = num_frames // p_t, height // p, width // p
-    out_tokens = t_out * h_out * w_out   # the noisy-latent tokens: the last ones of the packed sequence
-
-    step, branch = state.begin_call(hidden_states, timestep)
-    residual = state.should_skip(step, branch, out_tokens)
-
-    if residual is not None:
-        x = run_ckpt(self.x_embedder.proj, hidden_states).flatten(2).transpose(1, 2)
-        temb = run_ckpt(self.time_text_embed, timestep, guidance, pooled_projections)
-        x = x + residual
-        x = run_ckpt(self.norm_out, x, temb)
-        state.record(step, branch, skipped=True)
-    else:
-        x, rope_freqs = self.process_input_hidden_states(
-            hidden_states, latent_indices, clean_latents, clean_latent_indices,
-            clean_latents_2x, clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices)
-        temb = run_ckpt(self.time_text_embed, timestep, guidance, pooled_projections)
-        context = run_ckpt(self.context_embedder, encoder_hidden_states, timestep, encoder_attention_mask)
-        context_mask = encoder_attention_mask
-        if self.image_projection is not None:
-            if image_embeddings is None:
-                raise ValueError("this transformer has an image projection: pass image_embeddings")
-            extra = run_ckpt(self.image_projection, image_embeddings)
-            extra_mask = torch.ones((batch_size, extra.shape[1]), dtype=context_mask.dtype, device=context_mask.device)
-            context = torch.cat([extra, context], dim=1)   # image tokens first: the mask crops from the end
-            context_mask = torch.cat([extra_mask, context_mask], dim=1)
-        with torch.no_grad():
-            if batch_size == 1:
-                context = context[:, :context_mask.sum().item()]
-                attention_mask = (None, None, None, None)
-            else:
-                attention_mask = _framepack_attention_mask(self, context_mask, x.shape[1], context.shape[1])
-
-        stack_in = x[:, -out_tokens:]     # a view: the blocks never write into their input
-        for block in self.transformer_blocks:
-            x, context = run_ckpt(block, x, context, temb, attention_mask, rope_freqs)
-        for block in self.single_transformer_blocks:
-            x, context = run_ckpt(block, x, context, temb, attention_mask, rope_freqs)
-        state.store_residual(step, branch, x[:, -out_tokens:] - stack_in)
-        x = run_ckpt(self.norm_out, x, temb)
-        x = x[:, -out_tokens:, :]
-        state.record(step, branch, skipped=False)
-
-    if getattr(self, "high_quality_fp32_output_for_inference", False):
-        x = x.to(dtype=torch.float32)
-        if self.proj_out.weight.dtype != torch.float32:
-            self.proj_out.to(dtype=torch.float32)
-    x = run_ckpt(self.proj_out, x)
-    # (b, t*h*w, c*pt*ph*pw) -> (b, c, t*pt, h*ph, w*pw)
-    x = x.reshape(batch_size, t_out, h_out, w_out, -1, p_t, p, p)
-    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(batch_size, -1, t_out * p_t, h_out * p, w_out * p)
-    if return_dict:
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput  # loaded with the model already
-        return Transformer2DModelOutput(sample=x)
-    return (x,)
+    assert state.adapter is not None
+    return state.adapter.forward(self, state, *args, **kwargs)

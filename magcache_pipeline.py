@@ -402,6 +402,49 @@ def build_tiny_models(variant: str | Variant) -> Models:
                   transformer=transformer, variant=spec, device=torch.device("cpu"), high_vram=True, tiny=True)
 
 
+def diffusers_framepack_classes() -> tuple[Any, Any]:
+    """diffusers' (HunyuanVideoFramepackPipeline, HunyuanVideoFramepackTransformer3DModel).
+
+    ImportError says which diffusers is installed when it has none (they came in 0.34).
+    """
+    import diffusers
+
+    pipeline = getattr(diffusers, "HunyuanVideoFramepackPipeline", None)
+    model = getattr(diffusers, "HunyuanVideoFramepackTransformer3DModel", None)
+    if pipeline is None or model is None:
+        raise ImportError(f"diffusers {diffusers.__version__} has no HunyuanVideoFramepackPipeline "
+                          "(it came in diffusers 0.34)")
+    return pipeline, model
+
+
+def build_tiny_diffusers_pipeline(models: Models | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """diffusers' FramePack pipeline from the tiny components, on the CPU.
+
+    The transformer is diffusers' ``HunyuanVideoFramepackTransformer3DModel``
+    with the configuration and the very weights of the tiny FramePack packed
+    transformer (both classes read the same checkpoints), cast to ``dtype``; the
+    text and image encoders, tokenizers and VAE are the tiny ones of
+    :func:`build_tiny_models`.  The scheduler is flow-matching Euler with the
+    pipeline's resolution-dependent shift, as FramePack samples.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipeline_class, model_class = diffusers_framepack_classes()
+    models = models or build_tiny_models("framepack")
+    packed = models.transformer
+    config = {k: v for k, v in packed.config.items() if not k.startswith("_")}
+    transformer = model_class(**config)
+    transformer.load_state_dict(packed.state_dict())
+    transformer.to(dtype=dtype).eval().requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    pipe = pipeline_class(
+        text_encoder=models.text_encoder, tokenizer=models.tokenizer, transformer=transformer, vae=models.vae,
+        scheduler=scheduler, text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2,
+        image_encoder=models.image_encoder, feature_extractor=models.feature_extractor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ---------------------------------------------------------------------------
 # Job settings and the frame arithmetic
 # ---------------------------------------------------------------------------

@@ -321,3 +321,47 @@ def test_calibration_profile_needs_a_finished_run(model):
     state = mc.enable_magcache(model, mc.MagCacheConfig(calibrate=True))
     with pytest.raises(ValueError, match="no complete calibration run"):
         state.calibration_profile("framepack")
+
+
+class NoRead(torch.Tensor):
+    """A tensor that fails when its value is read on the host: what a GPU sync would be."""
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read: that is a device sync per call")
+
+    item = tolist = __float__ = __int__ = __bool__ = __index__ = _refuse
+
+
+def test_steps_branches_and_runs_from_object_identity_and_schedule_views_only():
+    state = mc.MagCacheState(mc.MagCacheConfig(num_steps=3), None)
+
+    def place(timestep, key):
+        return state.begin_call(timestep, key)
+
+    # FramePack's wrapper: a fresh timestep per step for both branches, one guidance tensor per run
+    for _ in range(2):
+        guidance = torch.tensor([10000.0]).as_subclass(NoRead)
+        got = []
+        for sigma in (1.0, 0.5):           # stopped after two of three steps: the next key starts a run
+            t = torch.tensor([sigma * 1000]).as_subclass(NoRead)
+            got += [place(t, guidance), place(t, guidance)]
+        assert got == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r.status for r in state.runs] == ["interrupted", "running"]
+
+    # diffusers' pipeline: t.expand(batch) of each entry of scheduler.timesteps, one guidance per call
+    state = mc.MagCacheState(mc.MagCacheConfig(num_steps=3), None)
+    guidance = torch.tensor([10000.0]).as_subclass(NoRead)
+    got = []
+    for section in range(2):
+        schedule = torch.linspace(1000, 0, 4)[:3].as_subclass(NoRead)
+        for i, t in enumerate(schedule):
+            if section == 1 and i == 2:
+                break
+            timestep = t.expand(1)
+            got += [place(timestep, guidance), place(timestep, guidance)]
+    assert got == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r.status for r in state.runs] == ["complete", "running"]
+    # a timestep computed per step is no schedule view; a schedule entry is, at its index
+    assert mc._schedule_position(torch.tensor([900.0])) is None
+    assert mc._schedule_position(torch.tensor([900.0, 900.0])) is None
+    assert mc._schedule_position(schedule[2].expand(2))[1] == 2
