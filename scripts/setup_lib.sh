@@ -67,6 +67,37 @@ venv_stamp() {
     } | sha256sum | cut -d' ' -f1
 }
 
+# A venv with torch's build from this disk holds about 6.7 GB; pip needs room to unpack.
+VENV_MIN_FREE_GB=${VENV_MIN_FREE_GB:-8}
+
+check_disk() {
+    # check_disk DIR: refuse to start a build that cannot fit, instead of failing halfway
+    # with pip's "No space left on device" buried in its output.
+    mkdir -p "$1"
+    local free_kb
+    free_kb=$(df -Pk "$1" | awk 'NR == 2 {print $4}')
+    if [ -n "$free_kb" ] && [ "$free_kb" -lt $(( VENV_MIN_FREE_GB * 1024 * 1024 )) ]; then
+        say "ERROR: only $(( free_kb / 1024 )) MB free under $1; a venv needs about ${VENV_MIN_FREE_GB} GB" \
+            "(free some space, or set VENV_MIN_FREE_GB if you know it fits)"
+        return 1
+    fi
+}
+
+pip_install() {
+    # pip_install PY ARGS...: `PY -m pip install ARGS` from the project root, tried up to 3
+    # times. A registry that drops a connection mid-download fails pip as a whole; the
+    # retry reuses what pip already has in its cache. A real conflict fails 3 times, fast.
+    local py=$1; shift
+    local attempt
+    for attempt in 1 2 3; do
+        say "pip install $* (attempt $attempt of 3)"
+        (cd "$ROOT" && "$py" -m pip install --retries 10 --timeout 60 "$@") && return 0
+        say "pip install failed (exit $?); free space: $(df -Ph "$ROOT" | awk 'NR == 2 {print $4}')"
+        [ "$attempt" -lt 3 ] && sleep $(( attempt * 15 ))
+    done
+    return 1
+}
+
 ensure_venv() {
     # ensure_venv DIR NAME PIP_ARGS...: build DIR unless its stamp is current. PIP_ARGS are
     # pip's own (-r FILE, -c FILE), relative to the project root, after torch is in.
@@ -79,16 +110,15 @@ ensure_venv() {
         return 0
     fi
     ensure_venv_module
-    say "building $dir with $PYTHON ($("$PYTHON" -V 2>&1))"
     rm -rf "$dir"
+    check_disk "$(dirname "$dir")" || return 1
+    say "building $dir with $PYTHON ($("$PYTHON" -V 2>&1))"
     "$PYTHON" -m venv "$dir" || return 1
     local py="$dir/bin/python"
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
-    say "pip install ${TORCH_REQS[*]}"
-    (cd "$ROOT" && "$py" -m pip install "${TORCH_REQS[@]}") || return 1
+    pip_install "$py" "${TORCH_REQS[@]}" || return 1
     # the torch pins again, so the resolver can never move them
-    say "pip install $*"
-    (cd "$ROOT" && "$py" -m pip install "${TORCH_REQS[@]}" "$@") || return 1
+    pip_install "$py" "${TORCH_REQS[@]}" "$@" || return 1
     "$py" -m pip check || say "WARNING: pip check reports conflicts (above)"
     echo "$stamp" > "$dir/.setup-stamp"
     say "built $dir"
