@@ -347,6 +347,16 @@ def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str,
     return str(choice or LIBRARY), note, ratios_chart_html(catalog, choice), None
 
 
+def profile_status_html(catalog: ProfileCatalog, note: str = "") -> str:
+    """The line under the profile dropdown: ``note`` (the selected profile in full, or why it was
+    refused; ``**bold**`` allowed) and how many files were left out, and why."""
+    parts = [html.escape(part, quote=False) for part in (note, catalog.left_out()) if part]
+    if not parts:
+        return ""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", "<br>".join(parts))
+    return f'<div class="mc-profile-status" style="padding:4px 12px;font-size:13px">{text}</div>'
+
+
 def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_thresh: float,
                     magcache_K: float, retention_ratio: float, profile_choice: str | None,
                     calibrate: bool, cfg: float = 1.0, resample: str = "magnitude",
@@ -618,7 +628,7 @@ def checked_image(component: Any) -> Any:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             name = getattr(payload, "orig_name", None) or pathlib.Path(str(getattr(payload, "path", "") or
                                                                            "the upload")).name
-            logger.info("upload %s is not a readable image", name)
+            logger.debug("upload %s is not a readable image", name)     # the job says so, once
             return UnreadableImage(name)
 
     component.preprocess = preprocess
@@ -766,6 +776,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
         catalog.load(initial_profile)           # refuse a bad --mag-ratios file now, not mid-job
+    initial_note = profile_selection(catalog, initial_profile)[1]      # names a preselected profile in full
     gpu_lock = threading.Lock()
     if runner is None:
         def runner(job: Job, image: Any, settings: Any, outputs: str, profiles: str) -> None:
@@ -856,7 +867,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                                           info="The ratio library (a calibrated table for the job's resolution "
                                                "and steps), or a profile saved by a calibration run.",
                                           elem_id="profile")
-                    profile_status = gr.Markdown(catalog.left_out(), elem_id="profile-status")
+                    profile_status = gr.HTML(profile_status_html(catalog, initial_note), elem_id="profile-status")
                     calibrate = gr.Checkbox(value=False, label="Calibrate (measure this model's ratios)",
                                             info="Runs every step (nothing skipped), then saves the averaged "
                                                  "ratios as a profile you can select above.",
@@ -950,8 +961,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
             value, note, _, warning = profile_selection(catalog, choice)
             if warning:
                 logger.info("%s", warning)     # shown once, in the status line under the dropdown
-            left = catalog.left_out()
-            return value, "\n\n".join(x for x in (note, left) if x), chart_for(value, steps_value, mode, resolution)
+            return value, profile_status_html(catalog, note), chart_for(value, steps_value, mode, resolution)
 
         chart_inputs = [profile, steps, resample, frame_resolution]
         profile.input(select_profile, inputs=chart_inputs, outputs=[profile, profile_status, ratios_chart],
@@ -1006,6 +1016,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                     catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
             except (TypeError, ValueError, OverflowError) as exc:
                 message = f"Cannot start: {exc}"
+                logger.info("%s", message)
                 gr.Warning(message)
                 yield (None, job_report(None, [], status="error", message=message, settings=settings,
                                         variant=variant, profile_choice=mag_ratios),
@@ -1149,7 +1160,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
             return (gr.update(interactive=True), gr.update(interactive=False),
                     gr.update(choices=catalog.choices(_steps(steps_value), _resolution(resolution)), value=value),
                     chart, gr.update(visible=False),
-                    "\n\n".join(x for x in (note, catalog.left_out()) if x))
+                    profile_status_html(catalog, note))
 
         def stop(sess):
             sess.request_stop()
@@ -1171,8 +1182,9 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                queue=False, **_hidden_api()))
         end_button.click(stop, inputs=session, outputs=None, queue=False, **_hidden_api())
         # every new page lists the profiles folder as it is now (profiles saved or copied in since start)
-        demo.load(lambda: (gr.update(choices=catalog.choices(defaults.steps)), catalog.left_out()), inputs=None,
-                  outputs=[profile, profile_status], queue=False, **_hidden_api())
+        demo.load(lambda: (gr.update(choices=catalog.choices(defaults.steps)),
+                           profile_status_html(catalog, profile_selection(catalog, initial_profile)[1])),
+                  inputs=None, outputs=[profile, profile_status], queue=False, **_hidden_api())
 
     demo.queue()
     return demo
