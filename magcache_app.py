@@ -58,6 +58,7 @@ import dataclasses
 import html
 import ipaddress
 import logging
+import math
 import os
 import pathlib
 import queue
@@ -1128,21 +1129,28 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                          "magcache_K", "retention_ratio", "gpu_memory_preservation")
 
         def clamp_at_start(*values):
-            """Start pressed: move every typed value into its limits and show what the job will run."""
+            """Start pressed: move every typed value into its limits and show what the job will run.
+
+            The same rule as the job itself (:meth:`JobSettings.clamped`), so the sliders, the preset
+            and the plan show the values the job then receives.
+            """
             *numbers, cache_value, profile_value, calibrate_value, resample_value, resolution = values
-            out = []
+            typed = {}
             for name, value in zip(clamped_names, numbers):
                 try:
-                    out.append(limits[name].clamp(float(value)))
+                    number = float(value)
                 except (TypeError, ValueError, OverflowError):
-                    out.append(gr.update())      # not a number: the job refuses it with a message
-            shown = dict(zip(clamped_names, out))
-            if all(not isinstance(v, dict) for v in out):
-                thresh, k, retention = shown["magcache_thresh"], shown["magcache_K"], shown["retention_ratio"]
-                return (*out, preset_for(thresh, k, retention),
-                        plan(cache_value, shown["steps"], thresh, k, retention, profile_value,
-                             bool(calibrate_value), shown["cfg"], resample_value, resolution))
-            return (*out, gr.update(), gr.update())
+                    continue                     # not a number: the job refuses it with a message
+                if math.isfinite(number):
+                    typed[name] = number
+            clamped = magcache_pipeline.JobSettings(prompt="", **typed).clamped()
+            out = [getattr(clamped, name) if name in typed else gr.update() for name in clamped_names]
+            if len(typed) < len(clamped_names):
+                return (*out, gr.update(), gr.update())
+            return (*out, preset_for(clamped.magcache_thresh, clamped.magcache_K, clamped.retention_ratio),
+                    plan(cache_value, clamped.steps, clamped.magcache_thresh, clamped.magcache_K,
+                         clamped.retention_ratio, profile_value, bool(calibrate_value), clamped.cfg,
+                         resample_value, resolution))
 
         def after_job(sess, current_profile, steps_value, resolution):
             result = sess.take_result()
