@@ -768,8 +768,8 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     outputs_dir = str(pathlib.Path(outputs_dir).resolve())
     profiles_dir = str(pathlib.Path(profiles_dir).resolve())
     defaults = magcache_pipeline.JobSettings(prompt="")
-    # a job's frames are a bucket of this resolution: (height + width) / 2 stays within a bucket's
-    # rounding of it, so it picks the same library table as the job will (tests check the two agree)
+    # a job's frames are a bucket of this resolution; the page plans with (height + width) / 2 of the
+    # uploaded image's bucket, as the job does, and with this resolution before an image is given
     bucket_res = magcache_pipeline.bucket_resolution(defaults.resolution, tiny)
     catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
                              model=magcache_pipeline.model_id(variant, tiny), resolution=bucket_res)
