@@ -58,6 +58,7 @@ import dataclasses
 import html
 import ipaddress
 import logging
+import math
 import os
 import pathlib
 import queue
@@ -259,12 +260,16 @@ class ProfileCatalog:
             left[reason] = left.get(reason, 0) + 1
         return usable, left
 
-    def choices(self, steps: int | None = None) -> list[tuple[str, str]]:
-        """Dropdown entries: profiles made for a job like this one (resolution, steps) first, then the library."""
+    def choices(self, steps: int | None = None, resolution: float | None = None) -> list[tuple[str, str]]:
+        """Dropdown entries: profiles made for a job like this one (resolution, steps) first, then the library.
+
+        ``resolution`` is the job's frame resolution when its image is known (else this app's).
+        """
         usable, _ = self._scan()
+        resolution = resolution or self.resolution
 
         def fits(prof: magcache_core.MagCacheProfile) -> bool:
-            near = magcache_core.pick_ratio_table(self.variant, self.resolution, prof.num_steps).resolution
+            near = magcache_core.pick_ratio_table(self.variant, resolution, prof.num_steps).resolution
             return prof.num_steps == steps and prof.resolution is not None and \
                 magcache_core.pick_ratio_table(self.variant, prof.resolution, prof.num_steps).resolution == near
 
@@ -315,11 +320,15 @@ class ProfileCatalog:
             raise ValueError(f"{path.name}: {exc}") from None
         return profile
 
-    def table(self, choice: str | None, steps: int, resample: str = "magnitude") -> tuple[list[float], str]:
-        """(ratios, where they come from) that a job of ``steps`` plans from with this choice."""
+    def table(self, choice: str | None, steps: int, resample: str = "magnitude",
+              resolution: float | None = None) -> tuple[list[float], str]:
+        """(ratios, where they come from) that a job of ``steps`` plans from with this choice.
+
+        ``resolution``: the job's frame resolution ((height + width) / 2), else this app's.
+        """
         profile = self.load(choice)
         if profile is None:
-            return magcache_core.library_ratios(self.variant, self.resolution, int(steps), resample)
+            return magcache_core.library_ratios(self.variant, resolution or self.resolution, int(steps), resample)
         return list(profile.ratios), f"your profile {self.choice_for(self.path_for(choice))}"
 
 
@@ -339,10 +348,25 @@ def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str,
     return str(choice or LIBRARY), note, ratios_chart_html(catalog, choice), None
 
 
+def profile_status_html(catalog: ProfileCatalog, note: str = "") -> str:
+    """The line under the profile dropdown: ``note`` (the selected profile in full, or why it was
+    refused; ``**bold**`` allowed) and how many files were left out, and why."""
+    parts = [html.escape(part, quote=False) for part in (note, catalog.left_out()) if part]
+    if not parts:
+        return ""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", "<br>".join(parts))
+    return f'<div class="mc-profile-status" style="padding:4px 12px;font-size:13px">{text}</div>'
+
+
 def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_thresh: float,
                     magcache_K: float, retention_ratio: float, profile_choice: str | None,
-                    calibrate: bool, cfg: float = 1.0, resample: str = "magnitude") -> str:
-    """The live skip-plan panel for the current settings, and the table it comes from (never raises)."""
+                    calibrate: bool, cfg: float = 1.0, resample: str = "magnitude",
+                    resolution: float | None = None) -> str:
+    """The live skip-plan panel for the current settings, and the table it comes from (never raises).
+
+    ``resolution`` is the job's frame resolution, (height + width) / 2 of the bucket its image gets
+    (:func:`image_frame_resolution`); None before an image is known: the app's default frames.
+    """
     if cache == "teacache":
         return _message_html("TeaCache decides while it runs which steps to skip, so no MagCache plan "
                              "applies; choose MagCache to see one.")
@@ -352,12 +376,14 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
         return _message_html(f"Calibration run: all {int(steps)} steps are computed (nothing skipped) while "
                              "the magnitude ratios are measured.")
     try:
-        ratios, source = catalog.table(profile_choice, int(steps), resample)
+        ratios, source = catalog.table(profile_choice, int(steps), resample, resolution)
         plan = skip_plan(ratios, int(steps), magcache_thresh, magcache_K, retention_ratio, cfg, resample)
     except ValueError as exc:
         return _message_html(f"No plan: {exc}")
+    frames = (f"your image's {resolution:g} px frames" if resolution else
+              f"this app's {catalog.resolution:g} px frames (before an image is given)")
     why = ("chosen by you" if catalog.path_for(profile_choice) is not None else
-           f"the library's nearest calibration to this app's {catalog.resolution:g} px frames and {int(steps)} steps")
+           f"the library's nearest calibration to {frames} and {int(steps)} steps")
     return skip_plan_html(plan) + (f'<div class="mc-table" style="font-size:12px;margin-top:2px">'
                                    f'Ratio table: {html.escape(source)} ({html.escape(why)}).</div>')
 
@@ -369,7 +395,10 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
     if not series:
         return ""
     title_lines = textwrap.wrap(title, width=max(20, (width - 20) // 6)) or [""]   # ~6 px per character
-    left, right, top, bottom = 44, 10, 12 + 14 * len(title_lines), 30
+    # the title, then one legend line per series, then the plot: nothing drawn over the curves
+    legend_top = 14 + 14 * len(title_lines)
+    left, right, top, bottom = 44, 10, legend_top + 14 * len(series) + 2, 30
+    height += top - 26          # the plot keeps its height however long the title and legend
     lo = min(min(v) for _, v, _ in series)
     hi = max(max(v) for _, v, _ in series)
     pad = max((hi - lo) * 0.08, 0.01)
@@ -404,7 +433,7 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
         pts = " ".join(f"{x(i * scale):.1f},{y(v):.1f}" for i, v in enumerate(values))
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.8"/>')
         lx = left + 8
-        ly = top + 14 + 14 * k
+        ly = legend_top + 10 + 14 * k
         parts.append(f'<line x1="{lx}" x2="{lx + 16}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="2"/>'
                      f'<text x="{lx + 20}" y="{ly}">{html.escape(name)}</text>')
     parts.append("</svg>")
@@ -412,13 +441,13 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
 
 
 def ratios_chart_html(catalog: ProfileCatalog, profile_choice: str | None, steps: int = 25,
-                      resample: str = "magnitude") -> str:
+                      resample: str = "magnitude", resolution: float | None = None) -> str:
     """Chart of the ratio table in use, next to the published one."""
     published = list(magcache_core.VARIANT_MAG_RATIOS[catalog.variant])
     try:
-        ratios, source = catalog.table(profile_choice, steps, resample)
+        ratios, source = catalog.table(profile_choice, steps, resample, resolution)
     except ValueError:
-        ratios, source = catalog.table(LIBRARY, steps, resample)
+        ratios, source = catalog.table(LIBRARY, steps, resample, resolution)
     series = [(f"published ({catalog.variant}, 25 steps)", published, "#9ca3af"),
               ("in use", ratios, "#dc2626")]
     return ratios_chart_svg(series, f"Ratios in use: {source}")
@@ -562,6 +591,26 @@ class UnreadableImage:
         return f"{self.name} is not a readable image: use a {magcache_pipeline.IMAGE_FORMATS} file."
 
 
+def image_frame_resolution(path: Any, bucket_resolution: int) -> float | None:
+    """(height + width) / 2 of the frames a job of this image file gets (its bucket), or None if unreadable.
+
+    Reads only the image header; the library picks its ratio table by this value, so the page
+    plans as the job will.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    import magcache_pipeline
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        return None
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return magcache_core.frame_resolution(*magcache_pipeline.find_bucket(height, width, bucket_resolution))
+
+
 def checked_image(component: Any) -> Any:
     """Make this image input hand the job an :class:`UnreadableImage` when an upload cannot be decoded.
 
@@ -580,7 +629,7 @@ def checked_image(component: Any) -> Any:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             name = getattr(payload, "orig_name", None) or pathlib.Path(str(getattr(payload, "path", "") or
                                                                            "the upload")).name
-            logger.info("upload %s is not a readable image", name)
+            logger.debug("upload %s is not a readable image", name)     # the job says so, once
             return UnreadableImage(name)
 
     component.preprocess = preprocess
@@ -592,9 +641,13 @@ def checked_image(component: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 class Job:
-    """One generation: its worker thread, stop flag and event queue belong to it alone."""
+    """One generation: its worker thread, stop flag and event queue belong to it alone.
+
+    ``image_path`` is the uploaded file the image was read from (the video's record names it).
+    """
 
     def __init__(self) -> None:
+        self.image_path: str | None = None
         self.stop = threading.Event()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread: threading.Thread | None = None
@@ -673,7 +726,7 @@ def _run_job_thread(job: Job, gpu_lock: threading.Lock, models: Any, image: np.n
                 models, image, settings, outputs_dir=outputs_dir,
                 on_progress=lambda update: job.events.put(("progress", update)),
                 on_section=lambda section: job.events.put(("section", section)),
-                should_stop=job.stop.is_set, profiles_dir=profiles_dir)
+                should_stop=job.stop.is_set, profiles_dir=profiles_dir, image_path=job.image_path)
         finally:
             gpu_lock.release()
     except Exception as exc:  # noqa: BLE001 - a worker must report every failure, or the page waits forever
@@ -715,15 +768,16 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     outputs_dir = str(pathlib.Path(outputs_dir).resolve())
     profiles_dir = str(pathlib.Path(profiles_dir).resolve())
     defaults = magcache_pipeline.JobSettings(prompt="")
-    # a job's frames are a bucket of this resolution: (height + width) / 2 stays within a bucket's
-    # rounding of it, so it picks the same library table as the job will (tests check the two agree)
+    # a job's frames are a bucket of this resolution; the page plans with (height + width) / 2 of the
+    # uploaded image's bucket, as the job does, and with this resolution before an image is given
+    bucket_res = magcache_pipeline.bucket_resolution(defaults.resolution, tiny)
     catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
-                             model=magcache_pipeline.model_id(variant, tiny),
-                             resolution=magcache_pipeline.bucket_resolution(defaults.resolution, tiny))
+                             model=magcache_pipeline.model_id(variant, tiny), resolution=bucket_res)
     initial_profile = LIBRARY
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
         catalog.load(initial_profile)           # refuse a bad --mag-ratios file now, not mid-job
+    initial_note = profile_selection(catalog, initial_profile)[1]      # names a preselected profile in full
     gpu_lock = threading.Lock()
     if runner is None:
         def runner(job: Job, image: Any, settings: Any, outputs: str, profiles: str) -> None:
@@ -737,15 +791,34 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
         limit = limits[name]
         return {"minimum": limit.low, "maximum": limit.high, "step": limit.step}
 
-    def plan(cache, steps, thresh, k, retention, profile, calibrate, cfg, resample="magnitude"):
-        """The plan panel for the values as a job would run them (typed values clamped into the limits)."""
+    def plan(cache, steps, thresh, k, retention, profile, calibrate, cfg, resample="magnitude", resolution=None):
+        """The plan panel for the values as a job would run them (typed values clamped into the limits).
+
+        ``resolution``: the frame resolution of the uploaded image's bucket (None before one is given).
+        """
         try:
             steps, thresh, k, retention, cfg = (limits[name].clamp(float(value)) for name, value in (
                 ("steps", steps), ("magcache_thresh", thresh), ("magcache_K", k),
                 ("retention_ratio", retention), ("cfg", cfg)))
         except (TypeError, ValueError, OverflowError):
             return _message_html("No plan: a MagCache setting is not a number.")
-        return plan_panel_html(catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample)
+        return plan_panel_html(catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample,
+                               _resolution(resolution))
+
+    def _steps(value: Any) -> int:
+        """A step count as a job runs it (raw slider value clamped; the default if not a number)."""
+        try:
+            return int(limits["steps"].clamp(float(value)))
+        except (TypeError, ValueError, OverflowError):
+            return defaults.steps
+
+    def _resolution(value: Any) -> float | None:
+        """A frame resolution from the hidden number (raw: None, "" or a number)."""
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return value if value > 0 else None
 
     with gr.Blocks(title=f"{spec.title} + MagCache", analytics_enabled=False) as demo:
         session = gr.State(SessionJobs())
@@ -757,8 +830,12 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 "run without `--tiny` on an NVIDIA GPU for real videos.", elem_id="tiny-banner")
         with gr.Row():
             with gr.Column():
-                input_image = checked_image(gr.Image(sources=["upload"], type="numpy", label="Image", height=320,
-                                                     elem_id="input-image"))
+                # a file path (image_mode=None: the upload itself, not a re-encoded copy): the job reads it
+                # with read_image, and the video's record names the user's file
+                input_image = checked_image(gr.Image(sources=["upload"], type="filepath", image_mode=None,
+                                                     label="Image", height=320, elem_id="input-image"))
+                # (height + width) / 2 of the frames the uploaded image will get: picks the library's table
+                frame_resolution = gr.Number(value=None, visible=False, elem_id="frame-resolution")
                 prompt = gr.Textbox(label="Prompt", value="", elem_id="prompt")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick List",
                                    samples_per_page=1000, components=[prompt])
@@ -791,7 +868,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                                           info="The ratio library (a calibrated table for the job's resolution "
                                                "and steps), or a profile saved by a calibration run.",
                                           elem_id="profile")
-                    profile_status = gr.Markdown(catalog.left_out(), elem_id="profile-status")
+                    profile_status = gr.HTML(profile_status_html(catalog, initial_note), elem_id="profile-status")
                     calibrate = gr.Checkbox(value=False, label="Calibrate (measure this model's ratios)",
                                             info="Runs every step (nothing skipped), then saves the averaged "
                                                  "ratios as a profile you can select above.",
@@ -848,7 +925,8 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
         quick.click(lambda sample: sample[0], inputs=[quick], outputs=prompt, show_progress="hidden",
                     queue=False, **_hidden_api())
 
-        plan_inputs = [cache, steps, magcache_thresh, magcache_K, retention_ratio, profile, calibrate, cfg, resample]
+        plan_inputs = [cache, steps, magcache_thresh, magcache_K, retention_ratio, profile, calibrate, cfg, resample,
+                       frame_resolution]
         for control in plan_inputs:
             # raw values (preprocess=False): a number typed beyond a slider's range plans as it will run
             control.change(plan, inputs=plan_inputs, outputs=plan_view, show_progress="hidden", queue=False,
@@ -862,24 +940,50 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
 
         preset.input(apply_preset, inputs=preset, outputs=[magcache_thresh, magcache_K, retention_ratio],
                      show_progress="hidden", queue=False, **_hidden_api())
-        for slider in (magcache_thresh, magcache_K, retention_ratio):
-            slider.input(preset_for, inputs=[magcache_thresh, magcache_K, retention_ratio], outputs=preset,
-                         show_progress="hidden", queue=False, **_hidden_api())
 
-        def select_profile(choice, steps, resample):
+        def typed_preset(thresh, k, retention):
+            """The preset the values name, as a job would run them (a typed 1 is retention 0.99)."""
+            try:
+                values = [limits[name].clamp(float(value)) for name, value in (
+                    ("magcache_thresh", thresh), ("magcache_K", k), ("retention_ratio", retention))]
+            except (TypeError, ValueError, OverflowError):
+                return CUSTOM_PRESET
+            return preset_for(*values)
+
+        for slider in (magcache_thresh, magcache_K, retention_ratio):
+            # raw values (preprocess=False): Gradio would refuse a number typed beyond the slider with an error
+            slider.input(typed_preset, inputs=[magcache_thresh, magcache_K, retention_ratio], outputs=preset,
+                         preprocess=False, show_progress="hidden", queue=False, **_hidden_api())
+
+        def chart_for(choice, steps_value, mode, resolution):
+            return ratios_chart_html(catalog, choice, _steps(steps_value), mode, _resolution(resolution))
+
+        def select_profile(choice, steps_value, mode, resolution):
             value, note, _, warning = profile_selection(catalog, choice)
             if warning:
                 logger.info("%s", warning)     # shown once, in the status line under the dropdown
-            left = catalog.left_out()
-            return value, "\n\n".join(x for x in (note, left) if x), ratios_chart_html(catalog, value, steps, resample)
+            return value, profile_status_html(catalog, note), chart_for(value, steps_value, mode, resolution)
 
-        profile.input(select_profile, inputs=[profile, steps, resample],
-                      outputs=[profile, profile_status, ratios_chart],
-                      show_progress="hidden", concurrency_limit=None, **_hidden_api())
-        for control in (steps, resample):
-            control.change(lambda choice, n, mode: ratios_chart_html(catalog, choice, n, mode),
-                           inputs=[profile, steps, resample], outputs=ratios_chart, show_progress="hidden",
-                           queue=False, trigger_mode="always_last", **_hidden_api())
+        chart_inputs = [profile, steps, resample, frame_resolution]
+        profile.input(select_profile, inputs=chart_inputs, outputs=[profile, profile_status, ratios_chart],
+                      preprocess=False, show_progress="hidden", concurrency_limit=None, **_hidden_api())
+        for control in (steps, resample, frame_resolution):
+            control.change(chart_for, inputs=chart_inputs, outputs=ratios_chart, preprocess=False,
+                           show_progress="hidden", queue=False, trigger_mode="always_last", **_hidden_api())
+
+        # a new upload: the frames' resolution, which picks the table the job plans from (the plan panel
+        # and chart follow it); an upload that is not an image arrives as UnreadableImage: no resolution
+        input_image.change(lambda path: image_frame_resolution(path, bucket_res), inputs=input_image,
+                           outputs=frame_resolution, show_progress="hidden", queue=False, **_hidden_api())
+
+        def profiles_for(steps_value, resolution):
+            """The dropdown's entries for this job: profiles made for its frames and steps first."""
+            return gr.update(choices=catalog.choices(_steps(steps_value), _resolution(resolution)))
+
+        for control in (steps, frame_resolution):
+            # raw values (preprocess=False): a steps value typed beyond the slider is not an error here
+            control.change(profiles_for, inputs=[steps, frame_resolution], outputs=profile, preprocess=False,
+                           show_progress="hidden", queue=False, trigger_mode="always_last", **_hidden_api())
 
         # -- the job -------------------------------------------------------------------------------
         def generate(input_image, prompt, n_prompt=defaults.n_prompt, seed=defaults.seed,
@@ -907,35 +1011,39 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                     raise ValueError(input_image.message)
                 if input_image is None:
                     raise ValueError("No input image: upload a picture, then press Start.")
+                image = magcache_pipeline.read_image(input_image)    # says so if the file is not an image
                 settings.validate()
                 if profile_path is not None:
                     catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
             except (TypeError, ValueError, OverflowError) as exc:
                 message = f"Cannot start: {exc}"
+                logger.info("%s", message)
                 gr.Warning(message)
                 yield (None, job_report(None, [], status="error", message=message, settings=settings,
                                         variant=variant, profile_choice=mag_ratios),
                        _summary_markdown([f"error: {message}"]), None, "")
                 return
             yield from _stream_job(session if session is not None else SessionJobs(), settings,
-                                   input_image, mag_ratios)
+                                   image, str(input_image), mag_ratios)
 
-        def job_plan(settings, profile_choice) -> dict[str, Any]:
+        def job_plan(settings, profile_choice, resolution) -> dict[str, Any]:
             """The plan this job runs in every section, and the table it comes from (as the page shows it)."""
             if settings.cache != "magcache" or settings.calibrate:
-                return {"skipped": [False] * settings.steps, "ratio_source": None}
-            ratios, source = catalog.table(profile_choice, settings.steps, settings.resample)
+                return {"skipped": [False] * settings.steps, "ratio_source": None,
+                        "computed_steps": list(range(settings.steps))}
+            ratios, source = catalog.table(profile_choice, settings.steps, settings.resample, resolution)
             skipped = magcache_core.skip_schedule(ratios, settings.steps, settings.magcache_thresh,
                                                   settings.magcache_K, settings.retention_ratio, settings.resample)
             return {"skipped": skipped, "ratio_source": source,
                     "computed_steps": [t for t, s in enumerate(skipped) if not s]}
 
-        def _stream_job(sess: SessionJobs, settings, image, profile_choice) -> Iterator[tuple]:
+        def _stream_job(sess: SessionJobs, settings, image, image_path, profile_choice) -> Iterator[tuple]:
             def report_now(status, message, result=None):
                 return job_report(result, sections, status=status, message=message, settings=settings,
                                   variant=variant, profile_choice=profile_choice, plan=plan_info)
 
-            plan_info = job_plan(settings, profile_choice)
+            height, width = magcache_pipeline.find_bucket(image.shape[0], image.shape[1], bucket_res)
+            plan_info = job_plan(settings, profile_choice, magcache_core.frame_resolution(height, width))
             clock = StepClock(plan_info["skipped"], magcache_pipeline.section_count(
                 settings.total_second_length, settings.latent_window_size), time.perf_counter())
 
@@ -945,6 +1053,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 message = "Stopped before it started (End was pressed)."
                 yield None, report_now("stopped", message), _summary_markdown([f"stopped: {message}"]), None, ""
                 return
+            job.image_path = image_path
             job.thread = threading.Thread(
                 target=runner, name="magcache-job", daemon=True,
                 args=(job, image, settings, outputs_dir, profiles_dir))
@@ -998,6 +1107,13 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                     job.stop.set()
                 sess.finish(job, result)
             sections[:] = list(result.sections) or sections
+            ran = (result.record or {}).get("magcache") or {}
+            if "plan" in ran:       # the report says what ran, from the video's own record
+                if ran["computed_steps"] != plan_info["computed_steps"]:
+                    logger.warning("the job ran another plan than the page showed: computed %s, shown %s",
+                                   ran["computed_steps"], plan_info["computed_steps"])
+                plan_info = {"skipped": [step == "skip" for step in ran["plan"]],
+                             "ratio_source": ran["ratio_source"], "computed_steps": ran["computed_steps"]}
             if result.status == "error":
                 gr.Warning(result.message)
             elif result.status == "stopped":
@@ -1013,23 +1129,30 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                          "magcache_K", "retention_ratio", "gpu_memory_preservation")
 
         def clamp_at_start(*values):
-            """Start pressed: move every typed value into its limits and show what the job will run."""
-            *numbers, cache_value, profile_value, calibrate_value, resample_value = values
-            out = []
+            """Start pressed: move every typed value into its limits and show what the job will run.
+
+            The same rule as the job itself (:meth:`JobSettings.clamped`), so the sliders, the preset
+            and the plan show the values the job then receives.
+            """
+            *numbers, cache_value, profile_value, calibrate_value, resample_value, resolution = values
+            typed = {}
             for name, value in zip(clamped_names, numbers):
                 try:
-                    out.append(limits[name].clamp(float(value)))
+                    number = float(value)
                 except (TypeError, ValueError, OverflowError):
-                    out.append(gr.update())      # not a number: the job refuses it with a message
-            shown = dict(zip(clamped_names, out))
-            if all(not isinstance(v, dict) for v in out):
-                thresh, k, retention = shown["magcache_thresh"], shown["magcache_K"], shown["retention_ratio"]
-                return (*out, preset_for(thresh, k, retention),
-                        plan(cache_value, shown["steps"], thresh, k, retention, profile_value,
-                             bool(calibrate_value), shown["cfg"], resample_value))
-            return (*out, gr.update(), gr.update())
+                    continue                     # not a number: the job refuses it with a message
+                if math.isfinite(number):
+                    typed[name] = number
+            clamped = magcache_pipeline.JobSettings(prompt="", **typed).clamped()
+            out = [getattr(clamped, name) if name in typed else gr.update() for name in clamped_names]
+            if len(typed) < len(clamped_names):
+                return (*out, gr.update(), gr.update())
+            return (*out, preset_for(clamped.magcache_thresh, clamped.magcache_K, clamped.retention_ratio),
+                    plan(cache_value, clamped.steps, clamped.magcache_thresh, clamped.magcache_K,
+                         clamped.retention_ratio, profile_value, bool(calibrate_value), clamped.cfg,
+                         resample_value, resolution))
 
-        def after_job(sess, current_profile, steps_value):
+        def after_job(sess, current_profile, steps_value, resolution):
             result = sess.take_result()
             chart = gr.update()
             value = current_profile
@@ -1040,9 +1163,12 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                      ("this calibration", list(result.calibration.ratios) if result.calibration else [],
                       "#dc2626")],
                     f"Calibrated ratios saved as {value}")
+            # the line under the dropdown names the selected profile in full (the dropdown may clip it)
+            value, note, _, _ = profile_selection(catalog, value)
             return (gr.update(interactive=True), gr.update(interactive=False),
-                    gr.update(choices=catalog.choices(int(steps_value)), value=value), chart,
-                    gr.update(visible=False), catalog.left_out())
+                    gr.update(choices=catalog.choices(_steps(steps_value), _resolution(resolution)), value=value),
+                    chart, gr.update(visible=False),
+                    profile_status_html(catalog, note))
 
         def stop(sess):
             sess.request_stop()
@@ -1054,18 +1180,19 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                             retention_ratio, gpu_memory_preservation]
         (start_button
          # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it
-         .click(clamp_at_start, inputs=[*clamped_controls, cache, profile, calibrate, resample],
+         .click(clamp_at_start, inputs=[*clamped_controls, cache, profile, calibrate, resample, frame_resolution],
                 outputs=[*clamped_controls, preset, plan_view], preprocess=False, queue=False, **_hidden_api())
          .then(arm, inputs=session, outputs=[start_button, end_button], queue=False, **_hidden_api())
          .then(generate, inputs=job_inputs, outputs=[result_video, report, summary, preview, progress],
                api_name="generate", concurrency_limit=concurrency, concurrency_id="gpu", show_progress="minimal")
-         .then(after_job, inputs=[session, profile, steps],
+         .then(after_job, inputs=[session, profile, steps, frame_resolution],
                outputs=[start_button, end_button, profile, ratios_chart, preview, profile_status],
                queue=False, **_hidden_api()))
         end_button.click(stop, inputs=session, outputs=None, queue=False, **_hidden_api())
         # every new page lists the profiles folder as it is now (profiles saved or copied in since start)
-        demo.load(lambda: (gr.update(choices=catalog.choices(defaults.steps)), catalog.left_out()), inputs=None,
-                  outputs=[profile, profile_status], queue=False, **_hidden_api())
+        demo.load(lambda: (gr.update(choices=catalog.choices(defaults.steps)),
+                           profile_status_html(catalog, profile_selection(catalog, initial_profile)[1])),
+                  inputs=None, outputs=[profile, profile_status], queue=False, **_hidden_api())
 
     demo.queue()
     return demo

@@ -8,6 +8,8 @@ round trip are exactly what the real app does.
 from __future__ import annotations
 
 import copy
+import hashlib
+import html
 import json
 import logging
 import math
@@ -108,6 +110,71 @@ def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path, resolu
     assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
     assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
     assert "nothing skipped" in magcache_app.plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
+
+
+def test_table_in_use_follows_the_image_and_a_chosen_profile(tmp_path: pathlib.Path) -> None:
+    """The line under the plan names the library table for the job's frames, or the profile the user chose."""
+    from framepack.diffusers_helper.bucket_tools import find_nearest_bucket
+
+    catalog = magcache_app.ProfileCatalog("framepack", tmp_path, resolution=640)
+    # an image's frames are FramePack's bucket for it: (height + width) / 2 of that bucket picks the table
+    for height, width in ((480, 832), (1080, 1920), (1024, 1024), (300, 2000)):
+        image = tmp_path / f"in_{height}x{width}.png"
+        Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(image)
+        bucket_h, bucket_w = find_nearest_bucket(height, width, resolution=640)
+        assert magcache_app.image_frame_resolution(str(image), 640) == (bucket_h + bucket_w) / 2
+    (tmp_path / "text.png").write_text("not an image", encoding="utf-8")
+    assert magcache_app.image_frame_resolution(str(tmp_path / "text.png"), 640) is None
+
+    for resolution in (300, 700, None):
+        panel = magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "library", False,
+                                             resolution=resolution)
+        res, steps, ratios = library_choice("framepack", resolution or 640, 25)
+        where = "published MagCache table" if (res, steps) == (640, 25) else "FramePack-Studio"
+        assert f"Ratio table: {where}, {res} px, {steps} steps" in panel
+        assert (f"your image's {resolution} px frames" if resolution else "this app's 640 px frames") \
+            in html.unescape(panel)
+        computed = reference_skips(ratios, 0.1, 3, 0.2).count(False)
+        assert f"{computed} of 25 transformer passes" in panel
+
+    # a chosen profile overrides the library, whatever the frames
+    write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
+    panel = magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "flat.json", False, resolution=300)
+    assert "Ratio table: your profile flat.json (chosen by you)" in panel
+    assert f"{reference_skips([1.0] * 25, 0.1, 3, 0.2).count(False)} of 25 transformer passes" in panel
+
+    # "nearest" fits a table to another step count as the MagCache reference does: index i * 25 // steps
+    _, _, table = library_choice("framepack", 640, 40)
+    stretched = [table[i * len(table) // 40] for i in range(40)]
+    nearest = magcache_app.plan_panel_html(catalog, "magcache", 40, 0.1, 3, 0.2, "library", False,
+                                           resample="nearest")
+    expected = magcache_core.skip_schedule(table, 40, 0.1, 3, 0.2, "nearest")
+    assert f"{expected.count(False)} of 40 transformer passes" in nearest
+    assert f"{reference_skips(stretched, 0.1, 3, 0.2).count(False)} of 40 transformer passes" in nearest
+
+
+def test_eta_by_hand() -> None:
+    """Only computed steps cost time: the ETA counts those still to come, plus a decode per section left."""
+    plan = [False, False, True, False, True, True, False, True]       # 4 computed of 8
+    # 3 sections; in the 2nd (index 1) after 3 steps: steps 3 and 6 computed here (2), 4 in the 3rd section,
+    # 2 s per computed step, 5 s decode for this and the next section
+    assert magcache_app.eta_seconds(plan, 3, 1, 3, 2.0, 5.0) == (2 + 4) * 2.0 + 2 * 5.0 == 22.0
+    # the last step of the last section: only its decode is left
+    assert magcache_app.eta_seconds(plan, 3, 2, 8, 2.0, 5.0) == 5.0
+    # before anything: every computed step of every section and every decode
+    assert magcache_app.eta_seconds(plan, 3, 0, 0, 1.5, 0.5) == 12 * 1.5 + 3 * 0.5
+
+    # the clock measures computed steps only (a skipped step's time is not counted) and the decode overhead
+    update = lambda step, t, section=0: type("U", (), {"step": step, "time": t, "section": section})()  # noqa: E731
+    clock = magcache_app.StepClock(plan, 3, started=100.0)
+    for step, t in ((1, 101.0), (2, 103.0), (3, 103.1), (4, 106.0)):
+        clock.step(update(step, t))
+    assert (clock.computed_steps, clock.computed_seconds) == (2, pytest.approx(2.0 + 2.9))
+    clock.section(type("S", (), {"seconds": 10.0, "sampling_seconds": 7.0})())
+    # 1 computed step left in section 0 after 4 steps (step 6), 8 in the two later ones, at 2.45 s; 3 s decode x 3
+    left = clock.label(update(4, 106.0), now=160.0)
+    assert left == f"elapsed 1:00, about {magcache_app.format_duration(9 * 2.45 + 3 * 3.0)} left"
+    assert magcache_app.format_duration(75) == "1:15" and magcache_app.format_duration(3725) == "1:02:05"
 
 
 def test_presets_round_trip() -> None:
@@ -456,6 +523,11 @@ def test_tiny_job_end_to_end(servers: Any, variant: str) -> None:
     assert "Total:" in out["summary"]
     assert out["preview"] is None and out["progress"] == ""
     assert pathlib.Path(report["video"]).parent == server.outputs.resolve()
+    # the video's record names the file the user uploaded (no copy in the outputs folder)
+    record = json.loads(pathlib.Path(report["video"]).with_suffix(".json").read_text(encoding="utf-8"))
+    assert record["image"]["name"] == server.image.name
+    assert record["image"]["sha256"] == hashlib.sha256(server.image.read_bytes()).hexdigest()
+    assert record["magcache"]["computed_steps"] == report["plan"]["computed_steps"]
 
 
 @pytest.mark.slow

@@ -88,7 +88,14 @@ def wait_plan(page: Any, starts_with: str) -> None:
                            arg=starts_with)
 
 
-def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathlib.Path) -> None:
+def plan_cells(page: Any) -> list[bool]:
+    """The plan strip on the page: True for each step shown as skipped."""
+    return [("mc-skip" in (cls or "")) for cls in
+            page.locator("#skip-plan .mc-step").evaluate_all("cells => cells.map(c => c.className)")]
+
+
+def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathlib.Path,
+                              capfd: pytest.CaptureFixture) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1500})
     page = context.new_page()
     page.goto(app["url"])
@@ -142,10 +149,11 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     assert float(page.locator("#retention input[type=number]").input_value()) == 0.99
     plan = magcache_core.skip_schedule(ratios(100), 100, 0.3, 4, 0.99)
     assert plan_text(page).startswith(magcache_app.skip_plan_text(ratios(100), 100, 0.3, 4, 0.99))
-    assert page.locator("#skip-plan .mc-step").count() == 100
+    assert plan_cells(page) == plan                      # the strip on the page is the plan that ran
     skipped = [t for t, s in enumerate(plan) if s]
     summary = page.locator("#job-summary").inner_text()
-    assert f"Section 1/1: computed {100 - len(skipped)}/100 steps, skipped {len(skipped)}" in summary
+    assert f"Section 1/1: computed {100 - len(skipped)}/100 steps, skipped {len(skipped)} {skipped}" in summary
+    assert page.locator("#preset input[value='Custom']:checked").count() == 1
 
     # back to a small job: the plan follows the sliders again
     set_slider(page, "steps", 8)
@@ -160,6 +168,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     assert f"Section 1/1: computed {8 - len(skipped)}/8 steps, skipped {len(skipped)} {skipped}" in summary
     assert list(app["outputs"].glob("*.mp4"))
 
+    assert plan_cells(page) == magcache_core.skip_schedule(ratios(8), 8, 0.3, 4, 0.2)
     shot = tmp_path / "magcache_ui.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -175,6 +184,11 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     page.locator("#start").click()
     page.locator("#end:not([disabled])").wait_for()
     page.locator("#progress .mc-progress").wait_for(timeout=JOB_TIMEOUT_MS)
+    # the progress line reads as a person would: time so far and an estimate of the time left
+    page.locator("#progress").get_by_text(re.compile(r"elapsed \d+:\d\d, about \d+:\d\d left")).wait_for(
+        timeout=JOB_TIMEOUT_MS)
+    # the last finished video stays until the new job has frames to show
+    assert page.locator("#result-video video").count() == 1
     assert other.locator("#end").is_disabled()
     assert other.locator("#result-video video").count() == 0
     assert other.locator("#progress .mc-progress").count() == 0
@@ -198,4 +212,11 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     # the new profile is selected by itself, and plans the next job
     assert saved[0].name in page.locator("#profile input").input_value()
     wait_plan(page, magcache_app.skip_plan_text(profile.ratios, 8, 0.3, 4, 0.2))
+    assert f"Ratio table: your profile {saved[0].name}" in page.locator("#skip-plan").inner_text()
+    assert saved[0].name in page.locator("#profile-status").inner_text()     # the full name, not clipped
+    page.locator("#profile input").click()
+    assert page.get_by_role("option", name=re.compile("made_for_f1")).count() == 0
+    page.keyboard.press("Escape")
     context.close()
+    # the server logged no traceback: not for the text file, nor for the values typed beyond the limits
+    assert "Traceback" not in capfd.readouterr().err
