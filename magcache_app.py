@@ -24,12 +24,13 @@ Design notes, because they are easy to undo by accident:
 * Gradio 5 and 6 both work: no Blocks(css/theme) (moved to launch() in 6), no
   per-component options that 6 removed, ``api_name=False`` for UI-only events.
 
-The client API, one endpoint::
+The client API, two endpoints::
 
     from gradio_client import Client, handle_file
     video, report, summary, preview, progress = Client(url).predict(
         input_image=handle_file("in.png"), prompt="...", api_name="/generate",
         steps=25, magcache_thresh=0.10, ...)            # every input but input_image is optional
+    client.predict(api_name="/end")   # End: stops the job this Client started (True if one ran)
 
 Inputs (defaults as in the UI): input_image, prompt, n_prompt, seed,
 total_second_length, latent_window_size, steps, cfg, gs, rs,
@@ -692,6 +693,20 @@ class SessionJobs:
             self.stop_before_start = True
             return False
 
+    def stop_running(self) -> bool:
+        """The API's End: stop this session's running job, if any; True if there was one.
+
+        Unlike :meth:`request_stop` it leaves nothing armed for a later job: an API
+        client has no Start click that would clear it, so a stray call would
+        otherwise stop its next job. A job still waiting in Gradio's queue is the
+        client's to cancel (``Job.cancel()`` in gradio_client).
+        """
+        with self._lock:
+            if self.current is None:
+                return False
+            self.current.stop.set()
+            return True
+
     def finish(self, job: Job, result: Any | None) -> None:
         with self._lock:
             if self.current is job:
@@ -1173,6 +1188,11 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
         def stop(sess):
             sess.request_stop()
 
+        def end_api(sess) -> bool:
+            stopped = sess.stop_running()
+            logger.info("End through the API: %s", "the running job stops" if stopped else "no job was running")
+            return stopped
+
         job_inputs = [input_image, prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg,
                       gs, rs, gpu_memory_preservation, cache, magcache_thresh, magcache_K, retention_ratio,
                       profile, calibrate, mp4_crf, resample, session]
@@ -1189,6 +1209,11 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                outputs=[start_button, end_button, profile, ratios_chart, preview, profile_status],
                queue=False, **_hidden_api()))
         end_button.click(stop, inputs=session, outputs=None, queue=False, **_hidden_api())
+        # the same End for API clients: `client.predict(api_name="/end")` from the Client that started the job
+        # (its session); the hidden button only gives the endpoint a place in the page
+        end_api_button = gr.Button(visible=False)
+        end_api_button.click(end_api, inputs=session, outputs=gr.Checkbox(visible=False), queue=False,
+                             api_name="end")
         # every new page lists the profiles folder as it is now (profiles saved or copied in since start)
         demo.load(lambda: (gr.update(choices=catalog.choices(defaults.steps)),
                            profile_status_html(catalog, profile_selection(catalog, initial_profile)[1])),

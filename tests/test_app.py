@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -606,3 +607,39 @@ def test_a_profile_made_for_this_job_is_offered_first(tmp_path: pathlib.Path) ->
     assert [value for _, value in catalog.choices(30)] == \
         ["a_other_steps.json", "library", "b_other_size.json", "c_this_job.json"]
     assert "1 measured on lllyasviel/FramePackI2V_HY" in catalog.left_out()
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_end_through_the_api_stops_only_this_clients_job(servers: Any) -> None:
+    """/end from the Client that started a job stops it mid-way; another client's queued job runs; a stray
+    /end (no job) returns False and leaves the client's next job alone."""
+    import magcache_pipeline
+    from gradio_client import handle_file
+
+    server = servers("framepack")
+    long_client, other_client = server.client(), server.client()
+    long_job = long_client.submit(input_image=handle_file(str(server.image)), prompt="a long one",
+                                  total_second_length=20, steps=8, api_name="/generate")
+    # running: the generator has yielded beyond its "Starting ..." update
+    wait_for(lambda: len(long_job.outputs()) >= 2, 120, "the long job's first progress update")
+    other_job = other_client.submit(input_image=handle_file(str(server.image)), prompt="a short one",
+                                    api_name="/generate", **ONE_SECTION)
+    assert other_client.predict(api_name="/end") is False      # its job waits in the queue: not running, not touched
+    assert long_client.predict(api_name="/end") is True
+    stopped = dict(zip(magcache_app.GENERATE_OUTPUTS, long_job.result(timeout=120), strict=True))
+    assert stopped["report"]["status"] == "stopped", stopped["report"]["message"]
+    sections = magcache_pipeline.section_count(20, magcache_pipeline.JobSettings(prompt="").latent_window_size)
+    assert len(stopped["report"]["sections"]) < sections       # it stopped mid-way
+    finished = dict(zip(magcache_app.GENERATE_OUTPUTS, other_job.result(timeout=120), strict=True))
+    assert finished["report"]["status"] == "done", finished["report"]["message"]
+    assert pathlib.Path(finished["report"]["video"]).is_file()
+    # nothing was left armed by the stray /end: this client's next job runs to the end
+    again = server.generate(other_client, **ONE_SECTION)["report"]
+    assert again["status"] == "done", again["message"]

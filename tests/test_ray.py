@@ -252,6 +252,24 @@ def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pa
         assert len(videos) == 2
         (w0, s0, e0), (w1, s1, e1) = sorted(runner.history)[:2]
         assert w0 != w1 and s0 < e1 and s1 < e0, runner.history        # both ran at once, on different workers
+
+        # End through the app: /end from one client stops its job on its worker; the other client's job,
+        # running at the same time on the other worker, completes
+        long_client, short_client = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+        long_job = long_client.submit(input_image=handle_file(str(image_file)), prompt="long", seed=3,
+                                      total_second_length=60, steps=6, api_name="/generate")
+        deadline = time.monotonic() + 120
+        while len(long_job.outputs()) < 2:          # running on its worker: beyond the "Starting ..." update
+            assert time.monotonic() < deadline, "the long job never reported progress"
+            time.sleep(0.1)
+        short = short_client.predict(input_image=handle_file(str(image_file)), prompt="short", seed=4,
+                                     total_second_length=1, steps=4, api_name="/generate")
+        assert dict(zip(magcache_app.GENERATE_OUTPUTS, short, strict=True))["report"]["status"] == "done"
+        assert not long_job.done()                  # the short job finished while the long one still ran
+        assert long_client.predict(api_name="/end") is True
+        stopped = dict(zip(magcache_app.GENERATE_OUTPUTS, long_job.result(timeout=120), strict=True))["report"]
+        assert stopped["status"] == "stopped", stopped["message"]
+        assert len(stopped["sections"]) < mp.section_count(60, mp.JobSettings(prompt="").latent_window_size)
     finally:
         if demo is not None:
             demo.close()
