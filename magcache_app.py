@@ -274,17 +274,39 @@ class ProfileCatalog:
             return prof.num_steps == steps and prof.resolution is not None and \
                 magcache_core.pick_ratio_table(self.variant, prof.resolution, prof.num_steps).resolution == near
 
-        first = [(f"{path.name} (made for this job: {self._describe(prof)})", self.choice_for(path))
+        first = [(self._label(path, prof, True), self.choice_for(path))
                  for path, prof in usable if steps is not None and fits(prof)]
-        rest = [(f"{path.name} ({self._describe(prof)})", self.choice_for(path))
+        rest = [(self._label(path, prof, False), self.choice_for(path))
                 for path, prof in usable if not (steps is not None and fits(prof))]
-        return first + [(f"Ratio library ({self.variant}: the table for each job's resolution and steps)",
-                         LIBRARY)] + rest
+        return first + [(self._library_label(), LIBRARY)] + rest
+
+    def _library_label(self) -> str:
+        return f"Ratio library ({self.variant}: the table for each job's resolution and steps)"
 
     @staticmethod
-    def _describe(prof: magcache_core.MagCacheProfile) -> str:
+    def _label(path: pathlib.Path, prof: magcache_core.MagCacheProfile, for_this_job: bool) -> str:
         where = f"{prof.resolution} px, " if prof.resolution else ""
-        return f"{where}{prof.num_steps} steps, {prof.created}"
+        made = "made for this job: " if for_this_job else ""
+        return f"{path.name} ({made}{where}{prof.num_steps} steps, {prof.created})"
+
+    def value_for(self, choice: str | None) -> str | None:
+        """The dropdown value for ``choice``, which may be an entry's label instead of its value.
+
+        Gradio 5's dropdown (custom values allowed, for a profile saved while the
+        page is open) sends the text in its box, the label, when it loses focus
+        after being opened: that names the same entry.  Anything else is returned
+        as it is, for :meth:`path_for` to accept or refuse.
+        """
+        if choice is None:
+            return None
+        choice = str(choice)
+        if choice == self._library_label():
+            return LIBRARY
+        if choice.endswith(")") and " (" in choice:
+            for path, prof in self._scan()[0]:
+                if choice in (self._label(path, prof, True), self._label(path, prof, False)):
+                    return self.choice_for(path)
+        return choice
 
     def left_out(self) -> str:
         """A line saying how many files in the profiles folder are not offered, and why ("" if none)."""
@@ -296,7 +318,8 @@ class ProfileCatalog:
         return f"{total} file(s) in {self.profiles_dir.name}/ left out, not usable by this app: {why}."
 
     def path_for(self, choice: str | None) -> pathlib.Path | None:
-        """The file behind a dropdown value; None for the ratio library."""
+        """The file behind a dropdown value (or an entry's label); None for the ratio library."""
+        choice = self.value_for(choice)
         if choice in (None, "", LIBRARY, PUBLISHED):
             return None
         choice = str(choice)
@@ -344,6 +367,7 @@ def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str,
     except ValueError as exc:
         return (LIBRARY, f"**Refused:** {exc}. Using the ratio library.",
                 ratios_chart_html(catalog, LIBRARY), f"Calibration profile refused: {exc}")
+    choice = catalog.value_for(choice)
     note = ("" if prof is None else
             f"Using profile {choice}: {prof.num_steps} steps, {prof.runs} run(s), created {prof.created}.")
     return str(choice or LIBRARY), note, ratios_chart_html(catalog, choice), None

@@ -220,6 +220,27 @@ def test_profile_selection_refuses_bad_profiles(tmp_path: pathlib.Path) -> None:
     assert catalog.path_for("flat.json") == good.resolve()
 
 
+def test_an_entrys_label_names_the_same_entry(tmp_path: pathlib.Path) -> None:
+    """Gradio 5's dropdown sends the label in its box (not the value) when it loses focus after being
+    opened: every label the dropdown shows selects what its value selects."""
+    flat = write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
+    made = magcache_core.MagCacheProfile(variant="framepack", num_steps=8, ratios=[1.0] * 8, resolution=128)
+    made.save(tmp_path / "made.json")
+    catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
+    entries = catalog.choices() + catalog.choices(8, 128)           # the "made for this job" labels too
+    assert len({label for label, _ in entries}) == 4                # library, flat, made, made-for-this-job
+    for label, value in entries:
+        assert catalog.path_for(label) == catalog.path_for(value)
+        selected, _, _, warning = magcache_app.profile_selection(catalog, label)
+        assert (selected, warning) == (value, None)
+    paths = {label: catalog.path_for(label) for label, _ in entries}
+    assert sorted(str(p) for p in paths.values()) == sorted(
+        [str(flat.resolve()), str((tmp_path / "made.json").resolve()), str((tmp_path / "made.json").resolve()),
+         "None"])
+    with pytest.raises(ValueError, match="unknown calibration profile"):
+        catalog.path_for("flat.json (a label of no entry)")
+
+
 def test_mag_ratios_file_is_preselected(tmp_path: pathlib.Path) -> None:
     """build_ui(mag_ratios=FILE) starts on that profile, plan and all; a refused file stops the build."""
     elsewhere = tmp_path / "elsewhere"
