@@ -801,8 +801,9 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     import gradio as gr
 
     import magcache_pipeline
+    import magcache_models
 
-    spec = magcache_pipeline.VARIANTS[variant]
+    spec = magcache_models.VARIANTS[variant]
     tiny = bool(getattr(models, "tiny", False)) if tiny is None else tiny
     outputs_dir = str(pathlib.Path(outputs_dir).resolve())
     profiles_dir = str(pathlib.Path(profiles_dir).resolve())
@@ -811,7 +812,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     # uploaded image's bucket, as the job does, and with this resolution before an image is given
     bucket_res = magcache_pipeline.bucket_resolution(defaults.resolution, tiny)
     catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
-                             model=magcache_pipeline.model_id(variant, tiny), resolution=bucket_res)
+                             model=magcache_models.model_id(variant, tiny), resolution=bucket_res)
     initial_profile = LIBRARY
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
@@ -1319,13 +1320,13 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
     os.environ.setdefault("HF_HOME", str(APP_DIR / "hf_download"))
 
-    import magcache_pipeline
+    import magcache_models
     import torch
 
     if args.mag_ratios:
         try:
             catalog = ProfileCatalog(variant, args.profiles, extra=args.mag_ratios,
-                                     model=magcache_pipeline.model_id(variant, args.tiny))
+                                     model=magcache_models.model_id(variant, args.tiny))
             catalog.load(catalog.choice_for(args.mag_ratios))
         except ValueError as exc:
             parser.error(f"--mag-ratios {args.mag_ratios}: {exc}")
@@ -1340,7 +1341,7 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     else:
         logger.info("Loading %s models%s ...", variant, " (tiny, random weights)" if args.tiny else "")
         try:
-            models = magcache_pipeline.load_models(variant, tiny=args.tiny)
+            models = magcache_models.load_models(variant, tiny=args.tiny)
         except (RuntimeError, OSError) as exc:
             sys.exit(f"{parser.prog}: could not load the {variant} models: {exc}")
     demo = build_ui(models, variant, outputs_dir=args.outputs, profiles_dir=args.profiles,

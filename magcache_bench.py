@@ -431,9 +431,9 @@ class _Sampler:
 def _framepack_sampler(shape: BenchShape, dev: torch.device, dtype: torch.dtype, variant: str, seed: int,
                        steps: int, cfg: float) -> _Sampler:
     """FramePack's packed transformer, sampled by FramePack's ``sample_hunyuan`` (UniPC)."""
-    import magcache_pipeline as pipeline
+    import magcache_models
 
-    fp = pipeline.framepack_modules()
+    fp = magcache_models.framepack_modules()
     transformer = build_transformer(fp.models.HunyuanVideoTransformer3DModelPacked, shape, dev, dtype, seed)
     inputs = section_inputs(shape, dev, dtype, variant, seed + 1)
 
@@ -459,14 +459,14 @@ def _diffusers_sampler(shape: BenchShape, dev: torch.device, dtype: torch.dtype,
     import transformers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    import magcache_pipeline as pipeline
+    import magcache_models
 
-    pipeline_class, model_class = pipeline.diffusers_framepack_classes()
+    pipeline_class, model_class = magcache_models.diffusers_framepack_classes()
     transformer = build_transformer(model_class, shape, dev, dtype, seed)
     side = math.isqrt(shape.image_tokens)
     if side * side != shape.image_tokens:
         raise ValueError(f"image_tokens = {shape.image_tokens}: the SigLIP stand-in needs a square number")
-    tiny = pipeline.build_tiny_models("framepack")
+    tiny = magcache_models.build_tiny_models("framepack")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         image_encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
@@ -538,7 +538,8 @@ def run_speed(size: str = "tiny", steps: int = 25, repeats: int = 3, warmup: int
     if not (math.isfinite(cfg) and cfg >= 1.0):
         raise ValueError(f"cfg = {cfg!r}: must be a number >= 1 (1 = no true CFG)")
     if compare_diffusers and model != "diffusers":
-        raise ValueError("--compare-diffusers needs --model diffusers: diffusers' hook knows only its own block classes")
+        raise ValueError("--compare-diffusers needs --model diffusers: diffusers' hook knows only its own "
+                         "block classes")
     shape = bench_shape(size, resolution, text_tokens, bucket=pipeline.find_bucket)
     dev = torch.device(device or shape.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -1051,6 +1052,7 @@ def run_sweep(image: str, prompt: str, settings: Sequence[SpeedSetting], out_dir
     import shutil
 
     import magcache_pipeline as pipeline
+    import magcache_models
     from PIL import Image
 
     if repeats < 1:
@@ -1061,7 +1063,7 @@ def run_sweep(image: str, prompt: str, settings: Sequence[SpeedSetting], out_dir
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     img = np.array(Image.open(image).convert("RGB"))
-    models = pipeline.load_models(variant, tiny=tiny)
+    models = magcache_models.load_models(variant, tiny=tiny)
     if warmup:
         logger.info("sweep: warm-up job (1 step, untimed)")
         res = pipeline.run_job(models, img, pipeline.JobSettings(prompt=prompt, seed=seed, total_second_length=seconds,

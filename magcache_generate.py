@@ -372,6 +372,7 @@ def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], p
             stop: Callable[[], bool]) -> tuple[Any, str | None]:
     """Generate one video; returns (JobResult, final video path)."""
     import magcache_pipeline
+    import magcache_models
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     settings = job_settings(values)
@@ -379,7 +380,7 @@ def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], p
     key = (values["variant"], values["tiny"])
     if key not in models_cache:
         logger.info("loading %s models%s", values["variant"], " (tiny)" if values["tiny"] else "")
-        models_cache[key] = magcache_pipeline.load_models(values["variant"], tiny=values["tiny"])
+        models_cache[key] = magcache_models.load_models(values["variant"], tiny=values["tiny"])
     bars = _Progress(magcache_pipeline.section_count(settings.total_second_length, settings.latent_window_size),
                      settings.steps, enabled=progress)
     try:

@@ -98,13 +98,13 @@ class JobWorker:
         self.load_seconds = time.perf_counter() - started
 
     def _models(self, variant: str, tiny: bool) -> Any:
-        import magcache_pipeline
+        import magcache_models
 
         key = (variant, tiny)
         if key not in self.models:
             if not tiny:     # one set of real models per GPU: drop the other variant's first
                 self.models = {k: v for k, v in self.models.items() if k[1]}
-            self.models[key] = magcache_pipeline.load_models(variant, tiny=tiny)
+            self.models[key] = magcache_models.load_models(variant, tiny=tiny)
         return self.models[key]
 
     def ready(self) -> dict[str, Any]:
@@ -669,7 +669,8 @@ def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None
 # Measuring: python magcache_ray.py bench
 # ---------------------------------------------------------------------------
 
-def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int, cpus: int | None) -> list[dict[str, Any]]:
+def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int,
+          cpus: int | None) -> list[dict[str, Any]]:
     """The same tiny jobs file on 1, 2, ... workers (one torch thread each) on a local Ray; one row per count.
 
     ``jobs_seconds`` runs from the first job handed out to the last file written (worker start-up and model
@@ -677,8 +678,6 @@ def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int, c
     """
     import numpy as np
     from PIL import Image
-
-    import magcache_generate as gen
 
     started_here = False
     if not ray.is_initialized():

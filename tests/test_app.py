@@ -13,8 +13,10 @@ import html
 import json
 import logging
 import math
+import re
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -327,10 +329,10 @@ def test_imports_have_no_side_effects() -> None:
             report[name] = importlib.import_module(name).VARIANT
         report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", "magcache_app") if m in sys.modules)
 
-        import magcache_pipeline
+        import magcache_pipeline, magcache_models
         calls = []
-        magcache_pipeline.load_models = lambda *a, **k: calls.append("load_models")
-        magcache_pipeline.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
+        magcache_models.load_models = lambda *a, **k: calls.append("load_models")
+        magcache_models.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
         threads = set(threading.enumerate())
         import magcache_app
         report["calls"] = calls
@@ -349,6 +351,40 @@ def test_imports_have_no_side_effects() -> None:
     assert report["calls"] == [] and report["new_threads"] == []
     assert not report["gradio_imported"]
     assert report["hf_home_unchanged"] and not report["cuda_initialised"]
+
+
+def test_the_files_the_readme_lists_run_a_job_on_their_own(tmp_path: pathlib.Path) -> None:
+    """What the README tells a user to copy into a FramePack checkout is enough: in a folder holding
+    only those files, both demo scripts import, the UI builds and a tiny job writes its video and record."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| file | what it holds |"):].split("\n\n")[0]
+    listed = re.findall(r"^\| `([\w.]+)` \|", table, flags=re.M)
+    assert {"magcache_demo_gradio.py", "magcache_demo_gradio_f1.py", "magcache_app.py"} <= set(listed)
+    for name in listed:
+        shutil.copy(ROOT / name, tmp_path / name)
+    code = textwrap.dedent("""
+        import json, pathlib, sys
+        import numpy as np
+        import magcache_demo_gradio, magcache_demo_gradio_f1, magcache_app, magcache_models, magcache_pipeline
+        models = magcache_models.load_models("f1", tiny=True)
+        magcache_app.build_ui(models, "f1", outputs_dir="outputs", profiles_dir="profiles")
+        image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+        settings = magcache_pipeline.JobSettings(prompt="a box", total_second_length=1, steps=4,
+                                                 latent_window_size=6)
+        result = magcache_pipeline.run_job(models, image, settings, outputs_dir="outputs")
+        here = pathlib.Path.cwd()
+        print(json.dumps({"status": result.status, "video": result.video_path,
+                          "record": pathlib.Path(result.video_path).with_suffix(".json").is_file(),
+                          "from": sorted({str(pathlib.Path(m.__file__).parent == here)
+                                          for n, m in sys.modules.items() if n.startswith("magcache_")})}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["status"] == "done" and report["record"] and pathlib.Path(tmp_path, report["video"]).is_file()
+    assert report["from"] == ["True"]          # every magcache_* module came from the copied files
 
 
 def test_demo_script_without_cuda_names_tiny() -> None:
@@ -371,13 +407,13 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """main() with the model loading, UI building and server replaced by recorders."""
     import torch
 
-    import magcache_pipeline
+    import magcache_models
 
     seen: dict[str, Any] = {"loads": []}
     demo = FakeDemo()
     seen["demo"] = demo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(magcache_pipeline, "load_models",
+    monkeypatch.setattr(magcache_models, "load_models",
                         lambda variant, tiny=False: seen["loads"].append((variant, tiny)) or "models")
 
     def fake_build_ui(models: Any, variant: str, **kwargs: Any) -> FakeDemo:
@@ -460,13 +496,13 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, variant: str, root: pathlib.Path) -> None:
-        import magcache_pipeline
+        import magcache_models
 
         self.variant = variant
         self.outputs = root / "outputs"
         self.profiles = root / "profiles"
         self.profiles.mkdir(parents=True)
-        models = magcache_pipeline.load_models(variant, tiny=True)
+        models = magcache_models.load_models(variant, tiny=True)
         self.demo = magcache_app.build_ui(models, variant, outputs_dir=self.outputs, profiles_dir=self.profiles)
         magcache_app.launch(self.demo, server_port=free_port(), outputs_dir=self.outputs,
                             prevent_thread_lock=True, quiet=True)

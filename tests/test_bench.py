@@ -290,6 +290,7 @@ FAKE = {
 
 def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[bench.SweepRow], str, list[str]]:
     import magcache_pipeline as pipeline
+    import magcache_models
     from PIL import Image
 
     names = {None: "off", 0.1: "A", 0.2: "B"}
@@ -310,7 +311,7 @@ def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[be
         return pipeline.JobResult(status="done", message="ok", video_path=str(video), sections=sections,
                                   seconds=f["job"][n])
 
-    monkeypatch.setattr(pipeline, "load_models", lambda variant, tiny: None)
+    monkeypatch.setattr(magcache_models, "load_models", lambda variant, tiny: None)
     monkeypatch.setattr(pipeline, "run_job", run_job)
     monkeypatch.setattr(bench, "compare_videos", lambda ref, other, use_lpips: {
         "psnr": {"mean": 30.0, "min": 25.0}, "ssim": {"mean": 0.9, "min": 0.8}, "lpips": None})

@@ -56,10 +56,10 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    import magcache_pipeline
+    import magcache_models
 
     root = tmp_path_factory.mktemp("browser_app")
-    models = magcache_pipeline.load_models("framepack", tiny=True)
+    models = magcache_models.load_models("framepack", tiny=True)
     demo = magcache_app.build_ui(models, "framepack", outputs_dir=root / "outputs", profiles_dir=root / "profiles")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import magcache_core as mc
-import magcache_pipeline as mp
+import magcache_models
 from conftest import make_section, run_section
 from test_core_model import HookedReference
 from test_core_plan import reference_plan
 
 try:
-    mp.diffusers_framepack_classes()
+    magcache_models.diffusers_framepack_classes()
 except ImportError as exc:
     pytest.skip(f"{exc}; these tests run in the current-release set", allow_module_level=True)
 
@@ -37,14 +37,14 @@ IMAGE = torch.linspace(0, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
-def tiny_models() -> mp.Models:
-    return mp.build_tiny_models("framepack")
+def tiny_models() -> magcache_models.Models:
+    return magcache_models.build_tiny_models("framepack")
 
 
 @pytest.fixture(scope="module")
 def pipes(tiny_models):
-    return {torch.float32: mp.build_tiny_diffusers_pipeline(tiny_models),
-            torch.bfloat16: mp.build_tiny_diffusers_pipeline(tiny_models, dtype=torch.bfloat16)}
+    return {torch.float32: magcache_models.build_tiny_diffusers_pipeline(tiny_models),
+            torch.bfloat16: magcache_models.build_tiny_diffusers_pipeline(tiny_models, dtype=torch.bfloat16)}
 
 
 @pytest.fixture()
@@ -308,7 +308,7 @@ def test_calibration_profiles_cross_between_the_two_classes(tiny_models, pipe, t
         for profile in (from_diffusers, from_framepack):
             assert profile.model == "lllyasviel/FramePackI2V_HY"
             with pytest.raises(ValueError, match="calibrated on"):
-                mc.MagCacheConfig(mag_ratios=profile, model=mp.TINY_MODEL_ID)
+                mc.MagCacheConfig(mag_ratios=profile, model=magcache_models.TINY_MODEL_ID)
     finally:
         model.register_to_config(_name_or_path=None)
         packed.register_to_config(_name_or_path=None)

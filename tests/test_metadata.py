@@ -22,6 +22,7 @@ import magcache_core
 import magcache_generate as gen
 import magcache_metadata
 import magcache_pipeline as mp
+import magcache_models
 from conftest import library_plan_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def test_bad_image_files_are_refused_before_loading(tmp_path: Path, monkeypatch:
     def no_models(*a, **k):
         raise AssertionError("models were loaded for a job whose image is bad")
 
-    monkeypatch.setattr(mp, "load_models", no_models)
+    monkeypatch.setattr(magcache_models, "load_models", no_models)
     fake = tmp_path / "photo.png"
     fake.write_text("this is text, not a PNG")
     with pytest.raises(SystemExit) as exc:
@@ -86,7 +87,7 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
         assert json.loads(c.metadata["comment"]) == record
     assert record["format"] == magcache_metadata.FORMAT
     assert (record["prompt"], record["seed"], record["variant"], record["model"]) == \
-        ("a red box turns", 123, "framepack", mp.TINY_MODEL_ID)
+        ("a red box turns", 123, "framepack", magcache_models.TINY_MODEL_ID)
     assert record["image"]["name"] == "start.png"
     assert record["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     settings = record["settings"]

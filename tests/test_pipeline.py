@@ -28,6 +28,7 @@ import torch
 
 import magcache_core
 import magcache_pipeline as mp
+import magcache_models
 from conftest import library_plan_ratios
 
 RES = 64          # tiny bucket resolution: keeps a 2-second job to a few CPU seconds
@@ -109,7 +110,7 @@ class BlockCalls:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Iterator[dict[str, mp.Models]]:
+def tiny() -> Iterator[dict[str, magcache_models.Models]]:
     """Both variants' tiny models, built while every network connection is refused."""
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tiny models must not touch the network")
@@ -117,7 +118,7 @@ def tiny() -> Iterator[dict[str, mp.Models]]:
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setattr(socket.socket, "connect", refuse)
         mpatch.setattr(socket, "create_connection", refuse)
-        models = {name: mp.load_models(name, tiny=True) for name in mp.VARIANTS}
+        models = {name: magcache_models.load_models(name, tiny=True) for name in magcache_models.VARIANTS}
     yield models
 
 
@@ -137,8 +138,8 @@ def test_frame_arithmetic_matches_framepack_loop(forward: bool) -> None:
 
 
 def test_framepack_modules_and_buckets() -> None:
-    fp = mp.framepack_modules()
-    assert fp is mp.framepack_modules()                 # imported once
+    fp = magcache_models.framepack_modules()
+    assert fp is magcache_models.framepack_modules()                 # imported once
     assert fp.source in ("checkout", "package")
     assert hasattr(fp.sampler, "sample_hunyuan") and hasattr(fp.models, "HunyuanVideoTransformer3DModelPacked")
     if not torch.cuda.is_available():
@@ -151,20 +152,20 @@ def test_framepack_modules_and_buckets() -> None:
 
 
 def test_variants_differ_only_where_they_should() -> None:
-    fp, f1 = mp.VARIANTS["framepack"], mp.VARIANTS["f1"]
+    fp, f1 = magcache_models.VARIANTS["framepack"], magcache_models.VARIANTS["f1"]
     assert fp.transformer_repo == "lllyasviel/FramePackI2V_HY"
     assert f1.transformer_repo == "lllyasviel/FramePack_F1_I2V_HY_20250503"
     assert tuple(fp.mag_ratios) == magcache_core.FRAMEPACK_MAG_RATIOS
     assert tuple(f1.mag_ratios) == magcache_core.FRAMEPACK_F1_MAG_RATIOS
     assert (fp.forward_sections, f1.forward_sections) == (False, True)
     with pytest.raises(ValueError, match="framepack"):
-        mp.load_models("hunyuan", tiny=True)
+        magcache_models.load_models("hunyuan", tiny=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only without CUDA")
 def test_real_models_without_cuda_point_to_tiny() -> None:
     with pytest.raises(RuntimeError, match="--tiny"):
-        mp.load_models("framepack")
+        magcache_models.load_models("framepack")
 
 
 def test_settings_validation_messages() -> None:
@@ -202,7 +203,7 @@ def test_input_image_checks() -> None:
 # Jobs
 # ---------------------------------------------------------------------------
 
-def test_tiny_models_are_the_real_classes(tiny: dict[str, mp.Models]) -> None:
+def test_tiny_models_are_the_real_classes(tiny: dict[str, magcache_models.Models]) -> None:
     import transformers
     from diffusers import AutoencoderKLHunyuanVideo
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
@@ -212,19 +213,19 @@ def test_tiny_models_are_the_real_classes(tiny: dict[str, mp.Models]) -> None:
     assert isinstance(m.text_encoder_2, transformers.CLIPTextModel)
     assert isinstance(m.image_encoder, transformers.SiglipVisionModel)
     assert isinstance(m.vae, AutoencoderKLHunyuanVideo)
-    assert isinstance(m.transformer, mp.framepack_modules().models.HunyuanVideoTransformer3DModelPacked)
+    assert isinstance(m.transformer, magcache_models.framepack_modules().models.HunyuanVideoTransformer3DModelPacked)
     assert m.transformer.image_projection is not None and m.transformer.clean_x_embedder is not None
     assert m.tiny and m.device == torch.device("cpu") and m.transformer.dtype == torch.float32
     # FramePack drops the template's first crop_start tokens: the prompt must survive the crop
     prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
     assert len(m.tokenizer(prefix).input_ids) >= DEFAULT_PROMPT_TEMPLATE["crop_start"]
     # same seed, same weights
-    again = mp.load_models("f1", tiny=True)
+    again = magcache_models.load_models("f1", tiny=True)
     assert all(torch.equal(a, b) for a, b in zip(m.transformer.parameters(), again.transformer.parameters()))
 
 
 @pytest.mark.parametrize("variant", ["framepack", "f1"])
-def test_magcache_job(tiny: dict[str, mp.Models], tmp_path: pathlib.Path, variant: str) -> None:
+def test_magcache_job(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path, variant: str) -> None:
     models = tiny[variant]
     settings = mp.JobSettings(prompt="The girl dances gracefully", total_second_length=2, resolution=RES,
                               seed=7)
@@ -267,7 +268,7 @@ def test_magcache_job(tiny: dict[str, mp.Models], tmp_path: pathlib.Path, varian
     assert len(lines) >= 4 and "Section 2/2" in lines[2] and lines[3].startswith(f"Total: computed {2 * (25 - len(plan))}/50")
 
 
-def test_stop_mid_section_keeps_first_video(tiny: dict[str, mp.Models], tmp_path: pathlib.Path) -> None:
+def test_stop_mid_section_keeps_first_video(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
     models = tiny["framepack"]
     steps = 10
     seen: list[mp.ProgressUpdate] = []
@@ -292,7 +293,7 @@ def test_stop_mid_section_keeps_first_video(tiny: dict[str, mp.Models], tmp_path
     assert magcache_core.get_magcache_state(models.transformer) is None
 
 
-def test_bad_input_then_good_job(tiny: dict[str, mp.Models], tmp_path: pathlib.Path) -> None:
+def test_bad_input_then_good_job(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
     models = tiny["f1"]
     settings = mp.JobSettings(prompt="a dog runs", total_second_length=1, steps=6, resolution=RES, cache="off")
     for image, needle in [(None, "No input image"), (test_image()[:, :, 0], "shape"),
@@ -313,7 +314,7 @@ def test_bad_input_then_good_job(tiny: dict[str, mp.Models], tmp_path: pathlib.P
     assert decode_mp4(result.video_path)[0] == mp.expected_frame_count(1, WINDOW) == 4 * (WINDOW + 1) - 3
 
 
-def test_calibration_profile_roundtrip(tiny: dict[str, mp.Models], tmp_path: pathlib.Path) -> None:
+def test_calibration_profile_roundtrip(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
     models = tiny["framepack"]
     steps = 12
     profiles = tmp_path / "profiles"
@@ -370,7 +371,7 @@ def test_checkout_diffusers_helper_wins(tmp_path: pathlib.Path) -> None:
     for name in ("hunyuan", "utils", "clip_vision", "bucket_tools", "memory", "pipelines/k_diffusion_hunyuan",
                  "models/hunyuan_video_packed"):
         (pkg / f"{name}.py").write_text("MARK = 'checkout'\n")
-    code = ("import magcache_pipeline as mp; fp = mp.framepack_modules(); "
+    code = ("import magcache_models; fp = magcache_models.framepack_modules(); "
             "print(fp.source, fp.hunyuan.MARK, fp.models.MARK, fp.memory is None)")
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(mp.__file__).parent), "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -419,21 +420,21 @@ class FakeMemory:
 @pytest.fixture()
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeMemory]:
     memory = FakeMemory(free_gb=20.0)
-    fp = mp.framepack_modules()
+    fp = magcache_models.framepack_modules()
     with_memory = types.SimpleNamespace(**{**vars(fp), "memory": memory})
-    monkeypatch.setattr(mp, "framepack_modules", lambda: with_memory)
+    monkeypatch.setattr(magcache_models, "framepack_modules", lambda: with_memory)
     yield memory
 
 
 @pytest.mark.parametrize("free_gb", [20.0, 80.0])
-def test_real_loading_follows_framepack(tiny: dict[str, mp.Models], fake_cuda: FakeMemory,
+def test_real_loading_follows_framepack(tiny: dict[str, magcache_models.Models], fake_cuda: FakeMemory,
                                         monkeypatch: pytest.MonkeyPatch, free_gb: float) -> None:
     """Repos, dtypes and VRAM handling of FramePack's demo, with from_pretrained handing out fresh tiny models."""
     import diffusers
     import transformers
 
     fake_cuda.free_gb = free_gb
-    fresh = mp.build_tiny_models("f1")
+    fresh = magcache_models.build_tiny_models("f1")
     loaded: dict[str, tuple] = {}
 
     def fake_from_pretrained(name: str, model: Any) -> Any:
@@ -443,7 +444,7 @@ def test_real_loading_follows_framepack(tiny: dict[str, mp.Models], fake_cuda: F
             return model
         return load
 
-    fp = mp.framepack_modules()
+    fp = magcache_models.framepack_modules()
     for owner, attr, model in [
             (transformers.LlamaModel, "text_encoder", fresh.text_encoder),
             (transformers.CLIPTextModel, "text_encoder_2", fresh.text_encoder_2),
@@ -458,7 +459,7 @@ def test_real_loading_follows_framepack(tiny: dict[str, mp.Models], fake_cuda: F
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     fresh.transformer.high_quality_fp32_output_for_inference = False
-    models = mp.load_models("f1")
+    models = magcache_models.load_models("f1")
     hy = "hunyuanvideo-community/HunyuanVideo"
     assert loaded["text_encoder"] == (hy, "text_encoder", torch.float16)
     assert loaded["text_encoder_2"] == (hy, "text_encoder_2", torch.float16)
@@ -478,7 +479,7 @@ def test_real_loading_follows_framepack(tiny: dict[str, mp.Models], fake_cuda: F
     assert swapped == (["HunyuanVideoTransformer3DModelPacked", "LlamaModel"] if low else [])
 
 
-def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, mp.Models], fake_cuda: FakeMemory,
+def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, magcache_models.Models], fake_cuda: FakeMemory,
                                                   tmp_path: pathlib.Path) -> None:
     models = dataclasses.replace(tiny["framepack"], high_vram=False)
     settings = mp.JobSettings(prompt="a horse", n_prompt="blurry", cfg=2.0, total_second_length=2, steps=3,
@@ -499,7 +500,7 @@ def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, mp.Models], fa
     ]
 
 
-def test_teacache_job_reports_the_steps_that_ran(tiny: dict[str, mp.Models], tmp_path: pathlib.Path) -> None:
+def test_teacache_job_reports_the_steps_that_ran(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
     models = tiny["f1"]
     steps = 10
     calls = BlockCalls(models.transformer)

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import magcache_pipeline as mp
+import magcache_models
 
 RES = 64          # bucket for the 120x72 image: 80x48 pixels, 10x6 latents; a section costs milliseconds
 WINDOW = 4        # latents per section (FramePack uses 9)
@@ -112,7 +113,7 @@ def forward_clean_latents(start: torch.Tensor, generated: list[torch.Tensor]) ->
 
 def check_layout(variant: str, calls: list[dict[str, Any]], window: int, sections: int) -> None:
     """Assert that every recorded sample_hunyuan call got FramePack's demo layout."""
-    forward = mp.get_variant(variant).forward_sections
+    forward = magcache_models.get_variant(variant).forward_sections
     assert len(calls) == sections
     start = calls[0]["kwargs"]["clean_latents"][:, :, :1]
     assert start.shape[:3] == (1, 16, 1) and start.abs().sum() > 0
@@ -154,7 +155,7 @@ def image(h: int = 72, w: int = 120) -> np.ndarray:
 
 def record_job(variant: str, outputs: pathlib.Path) -> list[dict[str, Any]]:
     """Run a tiny job and return every sample_hunyuan call: cloned kwargs and the latents it returned."""
-    sampler = mp.framepack_modules().sampler
+    sampler = magcache_models.framepack_modules().sampler
     real = sampler.sample_hunyuan
     calls: list[dict[str, Any]] = []
 
@@ -165,7 +166,7 @@ def record_job(variant: str, outputs: pathlib.Path) -> list[dict[str, Any]]:
         calls.append(dict(kwargs=saved, result=result.detach().clone()))
         return result
 
-    models = mp.load_models(variant, tiny=True)
+    models = magcache_models.load_models(variant, tiny=True)
     settings = mp.JobSettings(prompt="a cat walks", total_second_length=SECONDS, latent_window_size=WINDOW,
                               steps=STEPS, resolution=RES, seed=3)
     with pytest.MonkeyPatch.context() as patch:

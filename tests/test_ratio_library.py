@@ -16,6 +16,7 @@ import magcache_bench as bench
 import magcache_core as core
 import magcache_generate as gen
 import magcache_pipeline as mp
+import magcache_models
 from conftest import library_choice, library_plan_ratios
 
 RESOLUTIONS = (10, 128, 150, 192, 200, 320, 383.5, 448, 576, 600, 624, 688, 704, 705, 768, 1000, 4096)
@@ -70,7 +71,7 @@ def test_bad_lookups_say_what_is_accepted() -> None:
 def test_a_384_px_job_plans_from_the_384_table_and_a_profile_overrides(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mp, "TINY_RESOLUTION", 384)       # tiny models may render this large, for this test
-    models = mp.build_tiny_models("framepack")
+    models = magcache_models.build_tiny_models("framepack")
     image = np.full((400, 400, 3), 90, np.uint8)
     settings = mp.JobSettings(prompt="a box", total_second_length=1, steps=6, resolution=384, seed=3)
     result = mp.run_job(models, image, settings, outputs_dir=tmp_path)
@@ -87,9 +88,9 @@ def test_a_384_px_job_plans_from_the_384_table_and_a_profile_overrides(tmp_path:
 
     # a profile chosen by the user wins over the library
     profile = core.MagCacheProfile(variant="framepack", num_steps=6, ratios=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-                                   model=mp.TINY_MODEL_ID).save(tmp_path / "flat.json")
+                                   model=magcache_models.TINY_MODEL_ID).save(tmp_path / "flat.json")
     config = mp.JobSettings(prompt="x", steps=6, mag_ratios=str(profile)).magcache_config(
-        "framepack", mp.TINY_MODEL_ID, 384)
+        "framepack", magcache_models.TINY_MODEL_ID, 384)
     assert list(config.mag_ratios) == [1.0] * 6 and "flat.json" in mp.ratio_source(config)
     assert "chosen by you" in mp.ratio_source(config)
 
