@@ -397,17 +397,23 @@ def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], p
     return result, video
 
 
+def replay_verdict(record_path: str, video: str) -> str:
+    """The line a --replay ends with: the new video's frames against the record's (see magcache_metadata)."""
+    import magcache_metadata
+
+    replayed = magcache_metadata.read_record(magcache_metadata.sidecar_path(video))
+    return magcache_metadata.replay_verdict(magcache_metadata.read_record(record_path), record_path, replayed, video)
+
+
 def copy_video(video: str | os.PathLike, output: str | os.PathLike) -> pathlib.Path:
     """Copy an MP4 and its JSON record to ``output`` (and ``output`` with .json): each appears only whole."""
     import magcache_metadata
 
     out = pathlib.Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for src, dst in ((magcache_metadata.sidecar_path(video), magcache_metadata.sidecar_path(out)), (video, out)):
         if pathlib.Path(src).is_file():
-            tmp = dst.with_name(f".{dst.name}.partial")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with magcache_metadata.atomic_target(dst) as tmp:
+                shutil.copyfile(src, tmp)
     return out
 
 
@@ -615,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parser.error(str(exc))
                 print_result(result, video, sys.stdout)
                 failed += result.status != "done"
+                if args.replay is not None and result.status == "done" and video:
+                    print(replay_verdict(args.replay, video), flush=True)
         return 1 if failed or stop.requested else 0
 
     if not os.path.isfile(args.jobs):

@@ -8,21 +8,25 @@ The record holds everything needed to make the same video again
 name and SHA-256, variant, model, every setting, the ratio table and skip plan
 that ran, the per-section report, timings and package versions.
 
-This module is pure bookkeeping: no torch, no models.  It is shared by the
+This module is pure bookkeeping: no torch, no models (numpy and PyAV to
+compare a replay's frames with the record's).  It is shared by the
 pipeline (which writes), the CLI (which replays) and the Ray driver (which
 writes what a remote worker produced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import pathlib
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
+
+import numpy as np
 
 FORMAT = "magcache-framepack-video"
 VERSION = 1
@@ -68,17 +72,29 @@ def dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, indent=2, sort_keys=False, allow_nan=False)
 
 
-def write_atomic(path: PathLike, data: bytes) -> pathlib.Path:
-    """Write ``data`` to ``path`` under a temporary name, then rename: no reader sees half a file."""
+@contextlib.contextmanager
+def atomic_target(path: PathLike) -> Iterator[pathlib.Path]:
+    """A temporary name beside ``path`` to write to, renamed onto ``path`` when the block ends without error.
+
+    The one way this project writes a file: no reader ever sees half of one,
+    and a failed or stopped write leaves nothing behind (the temporary file
+    is removed).  The temporary name keeps the suffix, for writers that go by it.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_atomic(path: PathLike, data: bytes) -> pathlib.Path:
+    """Write ``data`` to ``path`` through :func:`atomic_target`."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
+    return pathlib.Path(path)
 
 
 def write_sidecar(video: PathLike, record: Mapping[str, Any]) -> pathlib.Path:
@@ -137,3 +153,66 @@ def find_image(record: Mapping[str, Any], record_path: PathLike) -> pathlib.Path
             return candidate
     raise ValueError(f"the recorded input image {name} is neither at {candidates[0]} nor beside the record; "
                      "give it with --image")
+
+
+# ---------------------------------------------------------------------------
+# Replays: same frames, or how they differ
+# ---------------------------------------------------------------------------
+
+def decode_frames(video: PathLike) -> np.ndarray:
+    """Every frame of an MP4's first video stream, decoded to uint8 RGB (time, height, width, 3)."""
+    import av
+
+    with av.open(str(video)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def frame_ranges(indices: Sequence[int]) -> str:
+    """Sorted frame numbers as ranges: [0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    parts: list[str] = []
+    start = prev = None
+    for i in [*sorted(indices), None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
+
+
+def compare_frames(recorded: np.ndarray, replayed: np.ndarray) -> str:
+    """How two decoded videos differ, in one phrase: which frames, and the largest difference in levels."""
+    if recorded.shape != replayed.shape:
+        t0, h0, w0 = recorded.shape[:3]
+        t1, h1, w1 = replayed.shape[:3]
+        return f"other frames: the record's video has {t0} frames of {w0}x{h0}, this one {t1} of {w1}x{h1}"
+    diff = np.abs(recorded.astype(np.int16) - replayed.astype(np.int16)).reshape(len(recorded), -1).max(axis=1)
+    differ = [int(i) for i in np.flatnonzero(diff)]
+    if not differ:
+        return "same decoded frames"
+    return (f"{len(differ)} of {len(diff)} frames differ (frame {frame_ranges(differ)}), by at most "
+            f"{int(diff.max())} of 255 levels, decoded from both files")
+
+
+def replay_verdict(record: Mapping[str, Any], record_path: PathLike, replayed: Mapping[str, Any],
+                   replayed_video: PathLike) -> str:
+    """The line a replay ends with: "same frames as the record", or how the frames differ.
+
+    Equal ``frames_sha256`` means the encoder got the same frames, whatever
+    the MP4 bytes (another x264 build may write other bytes for them).
+    Otherwise both videos are decoded and compared frame by frame: the one
+    beside the record (or the MP4 given as the record) and the new one.
+    """
+    recorded_sha, new_sha = record.get("frames_sha256"), replayed.get("frames_sha256")
+    if recorded_sha and recorded_sha == new_sha:
+        return f"Replay: same frames as the record (frames_sha256 {recorded_sha[:16]}...)."
+    recorded_video = pathlib.Path(record_path).with_suffix(".mp4")
+    if not recorded_video.is_file():
+        return (f"Replay: other frames than the record (frames_sha256 {str(recorded_sha)[:16]}... recorded, "
+                f"{str(new_sha)[:16]}... now); the recorded video is not at {recorded_video}, so the frames "
+                "cannot be compared one by one.")
+    how = compare_frames(decode_frames(recorded_video), decode_frames(replayed_video))
+    if recorded_sha is None:
+        return f"Replay: {how} as {recorded_video.name} (its record predates frames_sha256)."
+    return f"Replay: not the frames of the record: {how}."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ import magcache_models
 from conftest import library_plan_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def stream_bytes(path: Path) -> bytes:
+    """The MP4's video stream packets: the record's own timings differ between runs, so not the whole file."""
+    import av
+
+    with av.open(str(path)) as c:
+        return b"".join(bytes(p) for p in c.demux(video=0))
 
 
 def frames(path: Path) -> np.ndarray:
@@ -113,13 +122,26 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
             "import magcache_generate as g; sys.exit(g.main(sys.argv[1:]))")
     again = tmp_path / "again.mp4"
     other = tmp_path / "seed7.mp4"
+    last_lines = {}
     for target, extra in ((again, []), (other, ["--seed", "7"])):
         proc = subprocess.run([sys.executable, "-c", code, "--replay", str(sidecar), "--output", str(target),
                                "--no-progress", "--outputs-dir", str(tmp_path / "replays"), *extra],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        last_lines[target] = proc.stdout.strip().splitlines()[-1]
+    # same frames handed to the encoder, the same decoded pixels and the same video stream bytes
+    assert re.fullmatch("[0-9a-f]{64}", record["frames_sha256"])
+    assert json.loads(again.with_suffix(".json").read_text())["frames_sha256"] == record["frames_sha256"]
     assert np.array_equal(frames(again), frames(out))
-    assert not np.array_equal(frames(other), frames(out))
+    assert stream_bytes(again) == stream_bytes(out)
+    assert last_lines[again] == f"Replay: same frames as the record (frames_sha256 {record['frames_sha256'][:16]}...)."
+    # another seed: other frames, and the line says which and by how much, as decoding both files here finds
+    assert json.loads(other.with_suffix(".json").read_text())["frames_sha256"] != record["frames_sha256"]
+    diff = np.abs(frames(other).astype(int) - frames(out).astype(int)).reshape(len(frames(out)), -1).max(axis=1)
+    assert diff.any()
+    assert last_lines[other].startswith("Replay: not the frames of the record: ")
+    assert f"{np.count_nonzero(diff)} of {len(diff)} frames differ" in last_lines[other]
+    assert f"by at most {diff.max()} of 255 levels" in last_lines[other]
     replayed = json.loads(again.with_suffix(".json").read_text())
     assert replayed["settings"] == record["settings"] and replayed["image"] == record["image"]
     assert json.loads(other.with_suffix(".json").read_text())["seed"] == 7
@@ -139,3 +161,34 @@ def test_replay_errors_say_what_is_wrong(tmp_path: Path, image: Path, capsys: py
     with pytest.raises(SystemExit):
         gen.main(["--replay", str(rec)])
     assert "is not the recorded input image" in capsys.readouterr().err
+
+
+def test_replay_verdict_without_the_recorded_video_or_digest(tmp_path: Path) -> None:
+    clip = np.zeros((6, 16, 16, 3), np.uint8)
+    clip[:, 4:12, 4:12] = 200
+    changed = clip.copy()
+    changed[2, 4:12, 4:12] = 150       # frames 2 and 5 differ, by about 50 levels before encoding
+    changed[5, 4:12, 4:12] = 150
+    old, new = tmp_path / "old.mp4", tmp_path / "new.mp4"
+    mp.write_mp4(clip, old, crf=0)
+    mp.write_mp4(changed, new, crf=0)
+    record = {"format": magcache_metadata.FORMAT, "frames_sha256": mp.frames_sha256(clip)}
+    replayed = {"frames_sha256": mp.frames_sha256(changed)}
+    # the record's own video beside it: decoded and compared frame by frame
+    diff = np.abs(frames(old).astype(int) - frames(new).astype(int)).reshape(6, -1).max(axis=1)
+    assert list(np.flatnonzero(diff)) == [2, 5]
+    line = magcache_metadata.replay_verdict(record, old.with_suffix(".json"), replayed, new)
+    assert line == (f"Replay: not the frames of the record: 2 of 6 frames differ (frame 2, 5), by at most "
+                    f"{diff.max()} of 255 levels, decoded from both files.")
+    # no video beside the record: the digests alone, and the line says the frames cannot be compared
+    line = magcache_metadata.replay_verdict(record, tmp_path / "gone.json", replayed, new)
+    assert line.startswith("Replay: other frames than the record") and str(tmp_path / "gone.mp4") in line
+    # a record from before frames_sha256: the decoded frames decide
+    line = magcache_metadata.replay_verdict({}, old, {"frames_sha256": mp.frames_sha256(clip)}, old)
+    assert line == "Replay: same decoded frames as old.mp4 (its record predates frames_sha256)."
+
+
+def test_frame_ranges() -> None:
+    assert magcache_metadata.frame_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8"
+    assert magcache_metadata.frame_ranges([3]) == "3"
+    assert magcache_metadata.frame_ranges([]) == ""

@@ -183,7 +183,7 @@ def test_settings_validation_messages() -> None:
 
 def test_write_mp4_odd_size(tmp_path: pathlib.Path) -> None:
     gray = torch.full((1, 3, 5, 33, 17), 0.2)           # odd height and width
-    path = mp.write_mp4(gray, tmp_path / "v.mp4", fps=30, crf=0)
+    path = mp.write_mp4(mp.video_frames(gray), tmp_path / "v.mp4", fps=30, crf=0)
     assert decode_mp4(path) == (5, 18, 34)
     with av.open(path) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
