@@ -11,8 +11,16 @@ pipelines.  It patches one instance of FramePack's
 ``HunyuanVideoTransformer3DModelPacked`` or of diffusers'
 ``HunyuanVideoFramepackTransformer3DModel`` with :func:`enable_magcache` and
 restores it with :func:`disable_magcache`; what differs between the two lives in
-:mod:`magcache_adapters`, everything else (plan, runs, residuals, calibration)
-is shared.
+one small adapter per class (the last section), everything else (plan, runs,
+residuals, calibration) is shared.
+
+It can be taken alone: copied with ``magcache_ratio_library.json`` beside it into
+a FramePack fork or a diffusers script, it needs torch and the standard library
+at import and nothing else (diffusers is touched only when a diffusers model is
+patched).  Without the JSON it plans from the published tables, with one
+warning.  Its sections, in order: the plan (pure functions), the ratio tables,
+profiles and configuration, run state, the model adapters, and patching one
+transformer instance.
 
 Beyond the published reference behaviour it:
 
@@ -41,13 +49,13 @@ import numbers
 import os
 import pathlib
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 
-from magcache_adapters import ModelAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
 
@@ -263,9 +271,11 @@ def ratio_library() -> tuple[RatioTable, ...]:
     try:
         data = json.loads(LIBRARY_PATH.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise FileNotFoundError(
-            f"the ratio library {LIBRARY_PATH.name} is missing beside {pathlib.Path(__file__).name} "
-            f"({exc.strerror}): copy it along with the other magcache_* files") from None
+        logger.warning("MagCache: the ratio library %s cannot be read beside %s (%s): every job plans from "
+                       "the published %d px, %d-step tables. Copy the JSON beside this file for tables "
+                       "measured at other resolutions and step counts.", LIBRARY_PATH.name,
+                       pathlib.Path(__file__).name, exc.strerror or exc, PUBLISHED_RESOLUTION, PUBLISHED_STEPS)
+        return tuple(tables)
     if not isinstance(data, dict) or data.get("format") != LIBRARY_FORMAT:
         raise ValueError(f"{LIBRARY_PATH} is not a ratio library (\"format\": \"{LIBRARY_FORMAT}\" expected)")
     names = {key: src["sentence"] for key, src in data["sources"].items()}
@@ -397,15 +407,47 @@ class MagCacheProfile:
             raise ValueError(f"this profile was calibrated on {self.model!r}, not {model!r}: "
                              "its ratios describe another model; calibrate this one or use the published ratios")
 
+    @classmethod
+    def average(cls, runs: Sequence[RunReport], variant: str, resolution: int | None = None,
+                model: str | None = None) -> "MagCacheProfile":
+        """One profile from calibration runs (sections) of one step count: each per-step figure averaged.
+
+        Sections of one job see other latents but the same model and schedule,
+        so their ratio curves agree closely; the mean of several is steadier
+        than any one of them.
+        """
+        if not runs:
+            raise ValueError("no complete calibration run to average: enable MagCache with "
+                             "MagCacheConfig(calibrate=True) and let at least one sampling run finish")
+        if len({r.num_steps for r in runs}) > 1 or any(r.ratios is None or len(r.ratios) != r.num_steps
+                                                        for r in runs):
+            raise ValueError("calibration runs of different step counts, or incomplete ones, cannot be "
+                             "averaged: calibrate again with one num_steps")
+
+        def mean(rows: list[list[float]]) -> list[float]:
+            return [round(sum(col) / len(col), 5) for col in zip(*rows)]
+
+        profile = cls(variant=variant, num_steps=runs[0].num_steps, resolution=resolution,
+                      ratios=mean([r.ratios or [] for r in runs]),
+                      ratio_std=mean([r.ratio_std or [] for r in runs]),
+                      cosine_distance=mean([r.cosine_distance or [] for r in runs]),
+                      runs=len(runs), model=model)
+        logger.info("MagCache calibration over %d run(s): ratios %s", len(runs), profile.ratios)
+        return profile
+
     def to_json(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, "version": 1, **dataclasses.asdict(self)}
 
     def save(self, path: PathLike) -> pathlib.Path:
+        """Write the profile as JSON under a temporary name, then rename: never half a profile."""
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)   # never leave a half-written profile behind
+        tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         logger.info("MagCache profile saved: %s", path)
         return path
 
@@ -734,24 +776,328 @@ class MagCacheState:
 
     def calibration_profile(self, variant: str, resolution: int | None = None,
                             model: str | None = None) -> MagCacheProfile:
-        """Average the complete calibration runs (sections) of this state into a profile."""
-        runs = self.calibration_runs()
-        if not runs:
-            raise ValueError("no complete calibration run to average: enable MagCache with "
-                             "MagCacheConfig(calibrate=True) and let at least one sampling run finish")
+        """The complete calibration runs (sections) of this state averaged into a profile."""
+        return MagCacheProfile.average(self.calibration_runs(), variant, resolution, model)
 
-        def mean(rows: list[list[float]]) -> list[float]:
-            return [sum(col) / len(col) for col in zip(*rows)]
 
-        profile = MagCacheProfile(
-            variant=variant, num_steps=runs[0].num_steps, resolution=resolution,
-            ratios=[round(r, 5) for r in mean([r.ratios for r in runs])],
-            ratio_std=[round(r, 5) for r in mean([r.ratio_std for r in runs])],
-            cosine_distance=[round(r, 5) for r in mean([r.cosine_distance for r in runs])],
-            runs=len(runs), model=model,
-        )
-        logger.info("MagCache calibration over %d run(s): ratios %s", len(runs), profile.ratios)
-        return profile
+# ---------------------------------------------------------------------------
+# Model adapters: what differs between the transformer classes MagCache patches
+# ---------------------------------------------------------------------------
+#
+# The plan, the run/branch bookkeeping, the residuals and calibration above are
+# the same for every model.  What a model class does differently lives here, one
+# small class per model class:
+#
+# * FramePackAdapter for FramePack's own HunyuanVideoTransformer3DModelPacked
+#   (lllyasviel's diffusers_helper).  Its forward is restated operation by
+#   operation so that a computed step is bitwise FramePack's, and a skipped step
+#   runs only the noisy-latent patch embedding, the time embedding and the
+#   output head.
+# * DiffusersFramePackAdapter for diffusers' HunyuanVideoFramepackTransformer3DModel
+#   (0.34 and later), the same checkpoints converted.  A computed step runs the
+#   model's own forward untouched (bitwise equal on any diffusers version) and
+#   two hooks on the first and last block read the block stack's input and
+#   output; only the skipped step is written here.
+#
+# Both models put the noisy-latent tokens last in the packed sequence (history
+# tokens are concatenated in front of them) and return exactly those tokens, so
+# the cached residual is the last frames * (height / p) * (width / p) tokens of
+# (stack output - stack input).  An adapter is chosen by the model's class name
+# (anywhere in its MRO), or failing that by the attributes it has; nothing of
+# FramePack or of diffusers is imported (diffusers' output class only when a
+# diffusers model, which has loaded it already, returns a dict).
+
+def _output_tokens(hidden_states: torch.Tensor, config: Any) -> tuple[int, int, int, int]:
+    """(tokens, frames, height, width) after patching: the noisy-latent tokens a forward returns."""
+    _, _, num_frames, height, width = hidden_states.shape
+    p, p_t = config["patch_size"], config["patch_size_t"]
+    t, h, w = num_frames // p_t, height // p, width // p
+    return t * h * w, t, h, w
+
+
+def _unpatchify(x: torch.Tensor, config: Any, t: int, h: int, w: int) -> torch.Tensor:
+    """(b, t*h*w, c*pt*p*p) tokens back to a (b, c, t*pt, h*p, w*p) latent."""
+    p, p_t = config["patch_size"], config["patch_size_t"]
+    x = x.reshape(x.shape[0], t, h, w, -1, p_t, p, p)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape[0], -1, t * p_t, h * p, w * p)
+
+
+def _model_output(x: torch.Tensor, return_dict: bool) -> Any:
+    if return_dict:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput  # loaded with the model already
+        return Transformer2DModelOutput(sample=x)
+    return (x,)
+
+
+class RunState(Protocol):
+    """What an adapter may call on the run state (:class:`MagCacheState` is the one implementation).
+
+    Per transformer call an adapter's forward does, in this order:
+    ``begin_call`` once (it places the call in a step and CFG branch), then
+    ``should_skip``; on a skipped step it adds the returned residual and calls
+    ``record(skipped=True)``; on a computed step it runs the blocks, hands the
+    residual of the noisy-latent tokens to ``store_residual`` and calls
+    ``record(skipped=False)``.  ``original_forward`` is the instance-level
+    forward the model had before MagCache (an offload hook's), or None.
+    """
+
+    @property
+    def original_forward(self) -> Any | None: ...
+
+    def begin_call(self, timestep: torch.Tensor, run_key: torch.Tensor | None = None) -> tuple[int, int]: ...
+
+    def should_skip(self, step: int, branch: int, tokens: int) -> torch.Tensor | None: ...
+
+    def record(self, step: int, branch: int, skipped: bool) -> None: ...
+
+    def store_residual(self, step: int, branch: int, residual: torch.Tensor) -> None: ...
+
+
+class ModelAdapter:
+    """What MagCache needs to know of one transformer class.
+
+    ``forward(model, state, ...)`` replaces the instance's forward while MagCache
+    is enabled; ``install``/``uninstall`` add and remove whatever else the
+    adapter needs on the instance (hooks).  An adapter talks to the run state
+    only through :class:`RunState`.
+    """
+
+    class_name: str = ""
+    title: str = ""
+    required_attrs: tuple[str, ...] = ()
+
+    @classmethod
+    def missing(cls, model: torch.nn.Module) -> list[str]:
+        return [a for a in cls.required_attrs if not hasattr(model, a)]
+
+    def install(self, model: torch.nn.Module, state: RunState) -> None:
+        """Nothing to add by default."""
+
+    def uninstall(self) -> None:
+        """Nothing to remove by default."""
+
+    def forward(self, model: Any, state: RunState, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# FramePack's packed transformer
+# ---------------------------------------------------------------------------
+
+def _framepack_attention_mask(model: torch.nn.Module, encoder_attention_mask: torch.Tensor,
+                              img_seq_len: int, txt_seq_len: int) -> tuple:
+    """FramePack's var-len attention arguments for batch > 1, from the model's own module."""
+    for cls in type(model).__mro__:
+        if "process_input_hidden_states" in cls.__dict__:
+            get_cu_seqlens = getattr(sys.modules[cls.__module__], "get_cu_seqlens")
+            cu = get_cu_seqlens(encoder_attention_mask, img_seq_len)
+            return cu, cu, img_seq_len + txt_seq_len, img_seq_len + txt_seq_len
+    raise TypeError("cannot find FramePack's get_cu_seqlens for batch > 1")
+
+
+class FramePackAdapter(ModelAdapter):
+    """FramePack's ``HunyuanVideoTransformer3DModelPacked``: its forward restated with MagCache."""
+
+    class_name = "HunyuanVideoTransformer3DModelPacked"
+    title = "FramePack's HunyuanVideoTransformer3DModelPacked"
+    required_attrs = ("process_input_hidden_states", "x_embedder", "time_text_embed", "context_embedder",
+                      "transformer_blocks", "single_transformer_blocks", "norm_out", "proj_out",
+                      "gradient_checkpointing_method", "config")
+
+    def forward(self, model: Any, state: RunState, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                pooled_projections: torch.Tensor, guidance: torch.Tensor,
+                latent_indices: torch.Tensor | None = None,
+                clean_latents: torch.Tensor | None = None, clean_latent_indices: torch.Tensor | None = None,
+                clean_latents_2x: torch.Tensor | None = None,
+                clean_latent_2x_indices: torch.Tensor | None = None,
+                clean_latents_4x: torch.Tensor | None = None,
+                clean_latent_4x_indices: torch.Tensor | None = None,
+                image_embeddings: torch.Tensor | None = None,
+                attention_kwargs: dict | None = None, return_dict: bool = True) -> Any:
+        """Drop-in forward of the packed transformer with MagCache.
+
+        A computed step runs the same operations in the same order as FramePack's
+        forward (so its output is bitwise the same) and keeps the stack residual
+        of the output tokens.  A skipped step embeds only the noisy latents, adds
+        the cached residual and runs the output head: nothing else.
+        """
+        run_ckpt = model.gradient_checkpointing_method
+        batch_size = hidden_states.shape[0]
+        out_tokens, t_out, h_out, w_out = _output_tokens(hidden_states, model.config)
+
+        step, branch = state.begin_call(timestep, guidance)
+        residual = state.should_skip(step, branch, out_tokens)
+
+        if residual is not None:
+            x = run_ckpt(model.x_embedder.proj, hidden_states).flatten(2).transpose(1, 2)
+            temb = run_ckpt(model.time_text_embed, timestep, guidance, pooled_projections)
+            x = x + residual
+            x = run_ckpt(model.norm_out, x, temb)
+            state.record(step, branch, skipped=True)
+        else:
+            x, rope_freqs = model.process_input_hidden_states(
+                hidden_states, latent_indices, clean_latents, clean_latent_indices,
+                clean_latents_2x, clean_latent_2x_indices, clean_latents_4x, clean_latent_4x_indices)
+            temb = run_ckpt(model.time_text_embed, timestep, guidance, pooled_projections)
+            context = run_ckpt(model.context_embedder, encoder_hidden_states, timestep, encoder_attention_mask)
+            context_mask = encoder_attention_mask
+            if model.image_projection is not None:
+                if image_embeddings is None:
+                    raise ValueError("this transformer has an image projection: pass image_embeddings")
+                extra = run_ckpt(model.image_projection, image_embeddings)
+                extra_mask = torch.ones((batch_size, extra.shape[1]), dtype=context_mask.dtype,
+                                        device=context_mask.device)
+                context = torch.cat([extra, context], dim=1)   # image tokens first: the mask crops from the end
+                context_mask = torch.cat([extra_mask, context_mask], dim=1)
+            with torch.no_grad():
+                if batch_size == 1:
+                    context = context[:, :context_mask.sum().item()]
+                    attention_mask = (None, None, None, None)
+                else:
+                    attention_mask = _framepack_attention_mask(model, context_mask, x.shape[1], context.shape[1])
+
+            stack_in = x[:, -out_tokens:]     # a view: the blocks never write into their input
+            for block in model.transformer_blocks:
+                x, context = run_ckpt(block, x, context, temb, attention_mask, rope_freqs)
+            for block in model.single_transformer_blocks:
+                x, context = run_ckpt(block, x, context, temb, attention_mask, rope_freqs)
+            state.store_residual(step, branch, x[:, -out_tokens:] - stack_in)
+            x = run_ckpt(model.norm_out, x, temb)
+            x = x[:, -out_tokens:, :]
+            state.record(step, branch, skipped=False)
+
+        if getattr(model, "high_quality_fp32_output_for_inference", False):
+            x = x.to(dtype=torch.float32)
+            if model.proj_out.weight.dtype != torch.float32:
+                model.proj_out.to(dtype=torch.float32)
+        x = run_ckpt(model.proj_out, x)
+        return _model_output(_unpatchify(x, model.config, t_out, h_out, w_out), return_dict)
+
+
+# ---------------------------------------------------------------------------
+# diffusers' HunyuanVideoFramepackTransformer3DModel
+# ---------------------------------------------------------------------------
+
+class DiffusersFramePackAdapter(ModelAdapter):
+    """diffusers' ``HunyuanVideoFramepackTransformer3DModel``: own forward on computed steps, hooks read the stack.
+
+    A forward pre-hook on the first block keeps a view of the stack input's
+    output tokens; a forward hook on the last block hands (output - input) of
+    those tokens to the state.  The hooks act only while this adapter's forward
+    runs a computed step, so they cost nothing otherwise and are removed on
+    disable.
+    """
+
+    class_name = "HunyuanVideoFramepackTransformer3DModel"
+    title = "diffusers' HunyuanVideoFramepackTransformer3DModel"
+    required_attrs = ("_pack_history_states", "x_embedder", "time_text_embed", "transformer_blocks",
+                      "single_transformer_blocks", "norm_out", "proj_out", "config")
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._state: RunState | None = None
+        self._capture: tuple[int, int, int] | None = None   # (step, branch, output tokens) while computing
+        self._stack_in: torch.Tensor | None = None
+
+    def install(self, model: torch.nn.Module, state: RunState) -> None:
+        blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+        if not blocks:
+            raise TypeError("this transformer has no blocks: nothing for MagCache to skip")
+        self._state = state
+        self._handles = [blocks[0].register_forward_pre_hook(self._stack_input, with_kwargs=True),
+                         blocks[-1].register_forward_hook(self._stack_output)]
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._capture = self._stack_in = None
+
+    def _stack_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._capture is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._stack_in = hidden[:, -self._capture[2]:]   # a view: the blocks never write into their input
+
+    def _stack_output(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._capture is None or self._stack_in is None:
+            return
+        step, branch, tokens = self._capture
+        assert self._state is not None
+        self._state.store_residual(step, branch, output[0][:, -tokens:] - self._stack_in)
+        self._stack_in = None
+
+    def forward(self, model: Any, state: RunState, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                pooled_projections: torch.Tensor, image_embeds: torch.Tensor, indices_latents: torch.Tensor,
+                guidance: torch.Tensor | None = None, *args: Any,
+                attention_kwargs: dict | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
+        """Computed step: the model's own forward.  Skipped step: embed, add the residual, output head."""
+        out_tokens, t_out, h_out, w_out = _output_tokens(hidden_states, model.config)
+        step, branch = state.begin_call(timestep, guidance)
+        residual = state.should_skip(step, branch, out_tokens)
+
+        if residual is None:
+            original = state.original_forward or type(model).forward.__get__(model)
+            self._capture, self._stack_in = (step, branch, out_tokens), None
+            try:
+                out = original(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                               pooled_projections, image_embeds, indices_latents, guidance, *args,
+                               attention_kwargs=attention_kwargs, return_dict=return_dict, **kwargs)
+            finally:
+                self._capture = self._stack_in = None
+            state.record(step, branch, skipped=False)
+            return out
+
+        with _lora_scale(model, attention_kwargs):
+            x = model.x_embedder(hidden_states)          # the noisy latents' tokens: the last of the sequence
+            temb = model.time_text_embed(timestep, pooled_projections, guidance)
+            if isinstance(temb, tuple):                  # (temb, token_replace_emb) in diffusers >= 0.33
+                temb = temb[0]
+            x = model.norm_out(x + residual, temb)
+            x = model.proj_out(x)
+        state.record(step, branch, skipped=True)
+        return _model_output(_unpatchify(x, model.config, t_out, h_out, w_out), return_dict)
+
+
+class _lora_scale:
+    """The LoRA scale diffusers' forward applies from ``attention_kwargs["scale"]``, for the skipped step too."""
+
+    def __init__(self, model: torch.nn.Module, attention_kwargs: dict | None) -> None:
+        self.model = model
+        self.scale = 1.0 if not attention_kwargs else attention_kwargs.get("scale", 1.0)
+        self.active = False
+
+    def __enter__(self) -> None:
+        if self.scale != 1.0:
+            from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers
+            if USE_PEFT_BACKEND:
+                scale_lora_layers(self.model, self.scale)
+                self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            from diffusers.utils import unscale_lora_layers
+            unscale_lora_layers(self.model, self.scale)
+
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FramePackAdapter, DiffusersFramePackAdapter)
+
+
+def adapter_for(model: torch.nn.Module) -> ModelAdapter:
+    """A fresh adapter for this model: by class name first, then by the attributes it has.
+
+    TypeError says what each known class would need when none fits.
+    """
+    names = {cls.__name__ for cls in type(model).__mro__}
+    for adapter in ADAPTERS:
+        if adapter.class_name in names and not adapter.missing(model):
+            return adapter()
+    for adapter in ADAPTERS:
+        if not adapter.missing(model):
+            return adapter()
+    wanted = " nor ".join(f"{a.title} (missing: {', '.join(a.missing(model))})" for a in ADAPTERS)
+    raise TypeError(f"{type(model).__name__} does not look like {wanted}")
 
 
 # ---------------------------------------------------------------------------
@@ -770,7 +1116,7 @@ def enable_magcache(transformer: torch.nn.Module, config: MagCacheConfig) -> Mag
 
     Works on FramePack's ``HunyuanVideoTransformer3DModelPacked`` and on
     diffusers' ``HunyuanVideoFramepackTransformer3DModel``: what differs between
-    them is in the adapter :func:`magcache_adapters.adapter_for` picks.
+    them is in the adapter :func:`adapter_for` picks.
     Enabling an already enabled instance replaces its settings and state.
     """
     if not isinstance(config, MagCacheConfig):
