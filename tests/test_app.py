@@ -30,7 +30,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import magcache_app
+from magcache_framepack.app import (CUSTOM_PRESET, GENERATE_OUTPUTS, Job, ProfileCatalog, SessionJobs, StepClock,
+                                    _run_job_thread, build_ui, eta_seconds, format_duration, image_frame_resolution,
+                                    launch, main, plan_panel_html, preset_for, preset_values, profile_selection,
+                                    skip_plan_text, video_path_from_output)
 import magcache_core
 from conftest import library_choice, library_plan_ratios
 
@@ -88,21 +91,21 @@ def decoded_frames(path: str) -> int:
 def test_skip_plan_text_counts(variant: str, thresh: float, k: int, retention: float) -> None:
     ratios = list(magcache_core.VARIANT_MAG_RATIOS[variant])
     computed = reference_skips(ratios, thresh, k, retention).count(False)
-    text = magcache_app.skip_plan_text(ratios, 25, thresh, k, retention)
+    text = skip_plan_text(ratios, 25, thresh, k, retention)
     assert text.startswith(f"{computed} of 25 transformer passes, about {25 / computed:.2f}x faster")
     # real CFG doubles the passes, not the ratio
-    text = magcache_app.skip_plan_text(ratios, 25, thresh, k, retention, cfg=3.0)
+    text = skip_plan_text(ratios, 25, thresh, k, retention, cfg=3.0)
     assert text.startswith(f"{2 * computed} of 50 transformer passes, about {25 / computed:.2f}x faster")
 
 
 @pytest.mark.parametrize("resolution", [128, 384, 640])
 @pytest.mark.parametrize("resample", ["magnitude", "nearest"])
 def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path, resolution: int, resample: str) -> None:
-    catalog = magcache_app.ProfileCatalog("framepack", tmp_path, resolution=resolution)
+    catalog = ProfileCatalog("framepack", tmp_path, resolution=resolution)
     for steps in (8, 25, 40, 50):
         ratios = library_plan_ratios("framepack", resolution, resolution, steps, resample)
         schedule = reference_skips(ratios, 0.15, 4, 0.2)
-        panel = magcache_app.plan_panel_html(catalog, "magcache", steps, 0.15, 4, 0.2, "library", False,
+        panel = plan_panel_html(catalog, "magcache", steps, 0.15, 4, 0.2, "library", False,
                                              resample=resample)
         assert panel.count('class="mc-step mc-skip"') == sum(schedule)
         assert panel.count('class="mc-step mc-run"') == steps - sum(schedule)
@@ -110,27 +113,27 @@ def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path, resolu
         table_res, table_steps, _ = library_choice("framepack", resolution, steps)
         assert f"Ratio table: {'published MagCache table' if (table_res, table_steps) == (640, 25) else 'FramePack-Studio'}, " \
                f"{table_res} px, {table_steps} steps" in panel
-    assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
-    assert "no MagCache plan applies" in magcache_app.plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
-    assert "nothing skipped" in magcache_app.plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
+    assert "no MagCache plan applies" in plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
+    assert "no MagCache plan applies" in plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
+    assert "nothing skipped" in plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
 
 
 def test_table_in_use_follows_the_image_and_a_chosen_profile(tmp_path: pathlib.Path) -> None:
     """The line under the plan names the library table for the job's frames, or the profile the user chose."""
     from framepack.diffusers_helper.bucket_tools import find_nearest_bucket
 
-    catalog = magcache_app.ProfileCatalog("framepack", tmp_path, resolution=640)
+    catalog = ProfileCatalog("framepack", tmp_path, resolution=640)
     # an image's frames are FramePack's bucket for it: (height + width) / 2 of that bucket picks the table
     for height, width in ((480, 832), (1080, 1920), (1024, 1024), (300, 2000)):
         image = tmp_path / f"in_{height}x{width}.png"
         Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(image)
         bucket_h, bucket_w = find_nearest_bucket(height, width, resolution=640)
-        assert magcache_app.image_frame_resolution(str(image), 640) == (bucket_h + bucket_w) / 2
+        assert image_frame_resolution(str(image), 640) == (bucket_h + bucket_w) / 2
     (tmp_path / "text.png").write_text("not an image", encoding="utf-8")
-    assert magcache_app.image_frame_resolution(str(tmp_path / "text.png"), 640) is None
+    assert image_frame_resolution(str(tmp_path / "text.png"), 640) is None
 
     for resolution in (300, 700, None):
-        panel = magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "library", False,
+        panel = plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "library", False,
                                              resolution=resolution)
         res, steps, ratios = library_choice("framepack", resolution or 640, 25)
         where = "published MagCache table" if (res, steps) == (640, 25) else "FramePack-Studio"
@@ -142,14 +145,14 @@ def test_table_in_use_follows_the_image_and_a_chosen_profile(tmp_path: pathlib.P
 
     # a chosen profile overrides the library, whatever the frames
     write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
-    panel = magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "flat.json", False, resolution=300)
+    panel = plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "flat.json", False, resolution=300)
     assert "Ratio table: your profile flat.json (chosen by you)" in panel
     assert f"{reference_skips([1.0] * 25, 0.1, 3, 0.2).count(False)} of 25 transformer passes" in panel
 
     # "nearest" fits a table to another step count as the MagCache reference does: index i * 25 // steps
     _, _, table = library_choice("framepack", 640, 40)
     stretched = [table[i * len(table) // 40] for i in range(40)]
-    nearest = magcache_app.plan_panel_html(catalog, "magcache", 40, 0.1, 3, 0.2, "library", False,
+    nearest = plan_panel_html(catalog, "magcache", 40, 0.1, 3, 0.2, "library", False,
                                            resample="nearest")
     expected = magcache_core.skip_schedule(table, 40, 0.1, 3, 0.2, "nearest")
     assert f"{expected.count(False)} of 40 transformer passes" in nearest
@@ -161,31 +164,31 @@ def test_eta_by_hand() -> None:
     plan = [False, False, True, False, True, True, False, True]       # 4 computed of 8
     # 3 sections; in the 2nd (index 1) after 3 steps: steps 3 and 6 computed here (2), 4 in the 3rd section,
     # 2 s per computed step, 5 s decode for this and the next section
-    assert magcache_app.eta_seconds(plan, 3, 1, 3, 2.0, 5.0) == (2 + 4) * 2.0 + 2 * 5.0 == 22.0
+    assert eta_seconds(plan, 3, 1, 3, 2.0, 5.0) == (2 + 4) * 2.0 + 2 * 5.0 == 22.0
     # the last step of the last section: only its decode is left
-    assert magcache_app.eta_seconds(plan, 3, 2, 8, 2.0, 5.0) == 5.0
+    assert eta_seconds(plan, 3, 2, 8, 2.0, 5.0) == 5.0
     # before anything: every computed step of every section and every decode
-    assert magcache_app.eta_seconds(plan, 3, 0, 0, 1.5, 0.5) == 12 * 1.5 + 3 * 0.5
+    assert eta_seconds(plan, 3, 0, 0, 1.5, 0.5) == 12 * 1.5 + 3 * 0.5
 
     # the clock measures computed steps only (a skipped step's time is not counted) and the decode overhead
     update = lambda step, t, section=0: type("U", (), {"step": step, "time": t, "section": section})()  # noqa: E731
-    clock = magcache_app.StepClock(plan, 3, started=100.0)
+    clock = StepClock(plan, 3, started=100.0)
     for step, t in ((1, 101.0), (2, 103.0), (3, 103.1), (4, 106.0)):
         clock.step(update(step, t))
     assert (clock.computed_steps, clock.computed_seconds) == (2, pytest.approx(2.0 + 2.9))
     clock.section(type("S", (), {"seconds": 10.0, "sampling_seconds": 7.0})())
     # 1 computed step left in section 0 after 4 steps (step 6), 8 in the two later ones, at 2.45 s; 3 s decode x 3
     left = clock.label(update(4, 106.0), now=160.0)
-    assert left == f"elapsed 1:00, about {magcache_app.format_duration(9 * 2.45 + 3 * 3.0)} left"
-    assert magcache_app.format_duration(75) == "1:15" and magcache_app.format_duration(3725) == "1:02:05"
+    assert left == f"elapsed 1:00, about {format_duration(9 * 2.45 + 3 * 3.0)} left"
+    assert format_duration(75) == "1:15" and format_duration(3725) == "1:02:05"
 
 
 def test_presets_round_trip() -> None:
     for name, values in magcache_core.PRESETS.items():
-        assert magcache_app.preset_values(name) == values
-        assert magcache_app.preset_for(*values) == name
-    assert magcache_app.preset_for(0.105, 3, 0.2) == magcache_app.CUSTOM_PRESET
-    assert magcache_app.preset_for(0.10, 4, 0.2) == magcache_app.CUSTOM_PRESET
+        assert preset_values(name) == values
+        assert preset_for(*values) == name
+    assert preset_for(0.105, 3, 0.2) == CUSTOM_PRESET
+    assert preset_for(0.10, 4, 0.2) == CUSTOM_PRESET
 
 
 def write_profile(folder: pathlib.Path, name: str, variant: str, ratios: list[float]) -> pathlib.Path:
@@ -196,7 +199,7 @@ def test_profile_selection_refuses_bad_profiles(tmp_path: pathlib.Path) -> None:
     write_profile(tmp_path, "other.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     good = write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
-    catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
+    catalog = ProfileCatalog("framepack", tmp_path)
     # only what this app can use is offered; the rest is counted, with the reasons
     values = [value for _, value in catalog.choices()]
     assert values == ["library", "flat.json"]
@@ -205,17 +208,17 @@ def test_profile_selection_refuses_bad_profiles(tmp_path: pathlib.Path) -> None:
 
     for bad, why in (("other.json", "calibrated for 'f1'"), ("broken.json", "not valid JSON"),
                      ("../etc/passwd", "unknown calibration profile"), ("missing.json", "unknown")):
-        value, status, chart, warning = magcache_app.profile_selection(catalog, bad)
+        value, status, chart, warning = profile_selection(catalog, bad)
         assert value == "library"
         assert warning and why in warning
         assert "Refused" in status and "<svg" in chart
         # the plan panel says why instead of raising
-        assert "No plan" in magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, bad, False)
+        assert "No plan" in plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, bad, False)
 
-    value, status, chart, warning = magcache_app.profile_selection(catalog, "flat.json")
+    value, status, chart, warning = profile_selection(catalog, "flat.json")
     assert (value, warning) == ("flat.json", None) and "flat.json" in status
     # all ratios 1.0: every step after retention is skippable, K caps the run of skips
-    panel = magcache_app.plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "flat.json", False)
+    panel = plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, "flat.json", False)
     computed = reference_skips([1.0] * 25, 0.1, 3, 0.2).count(False)
     assert computed == 10                               # steps 0-4, then 1 of every 4 (K = 3)
     assert f"{computed} of 25 transformer passes" in panel
@@ -228,12 +231,12 @@ def test_an_entrys_label_names_the_same_entry(tmp_path: pathlib.Path) -> None:
     flat = write_profile(tmp_path, "flat.json", "framepack", [1.0] * 25)
     made = magcache_core.MagCacheProfile(variant="framepack", num_steps=8, ratios=[1.0] * 8, resolution=128)
     made.save(tmp_path / "made.json")
-    catalog = magcache_app.ProfileCatalog("framepack", tmp_path)
+    catalog = ProfileCatalog("framepack", tmp_path)
     entries = catalog.choices() + catalog.choices(8, 128)           # the "made for this job" labels too
     assert len({label for label, _ in entries}) == 4                # library, flat, made, made-for-this-job
     for label, value in entries:
         assert catalog.path_for(label) == catalog.path_for(value)
-        selected, _, _, warning = magcache_app.profile_selection(catalog, label)
+        selected, _, _, warning = profile_selection(catalog, label)
         assert (selected, warning) == (value, None)
     paths = {label: catalog.path_for(label) for label, _ in entries}
     assert sorted(str(p) for p in paths.values()) == sorted(
@@ -247,7 +250,7 @@ def test_mag_ratios_file_is_preselected(tmp_path: pathlib.Path) -> None:
     """build_ui(mag_ratios=FILE) starts on that profile, plan and all; a refused file stops the build."""
     elsewhere = tmp_path / "elsewhere"
     chosen = write_profile(elsewhere, "mine.json", "framepack", [1.0] * 25)
-    demo = magcache_app.build_ui(None, "framepack", outputs_dir=tmp_path / "out", profiles_dir=tmp_path / "prof",
+    demo = build_ui(None, "framepack", outputs_dir=tmp_path / "out", profiles_dir=tmp_path / "prof",
                                  mag_ratios=chosen, tiny=True)
     by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     assert by_id["profile"].value == str(chosen.resolve())
@@ -258,12 +261,12 @@ def test_mag_ratios_file_is_preselected(tmp_path: pathlib.Path) -> None:
 
     other = write_profile(elsewhere, "f1.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
     with pytest.raises(ValueError, match="calibrated for 'f1'"):
-        magcache_app.build_ui(None, "framepack", outputs_dir=tmp_path / "out", profiles_dir=tmp_path / "prof",
+        build_ui(None, "framepack", outputs_dir=tmp_path / "out", profiles_dir=tmp_path / "prof",
                               mag_ratios=other)
 
 
 def test_sessions_share_nothing() -> None:
-    template = magcache_app.SessionJobs()
+    template = SessionJobs()
     tab_a, tab_b = copy.deepcopy(template), copy.deepcopy(template)
     assert tab_a is not tab_b and tab_a is not template
     job_a = tab_a.begin()
@@ -279,21 +282,21 @@ def test_worker_always_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     """The job thread posts a final result even when run_job raises, or when End comes while it waits."""
     import threading
 
-    import magcache_pipeline
+    from magcache_framepack import job as job_module
 
     def explode(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(magcache_pipeline, "run_job", explode)
-    job, lock = magcache_app.Job(), threading.Lock()
-    magcache_app._run_job_thread(job, lock, None, None, None, "out", "prof")
+    monkeypatch.setattr(job_module, "run_job", explode)
+    job, lock = Job(), threading.Lock()
+    _run_job_thread(job, lock, None, None, None, "out", "prof")
     kind, result = job.events.get_nowait()
     assert kind == "done" and result.status == "error" and "boom" in result.message
     assert not lock.locked()
 
-    job = magcache_app.Job()
+    job = Job()
     lock.acquire()                                  # another session's job holds the GPU
-    worker = threading.Thread(target=magcache_app._run_job_thread, args=(job, lock, None, None, None, "o", "p"))
+    worker = threading.Thread(target=_run_job_thread, args=(job, lock, None, None, None, "o", "p"))
     worker.start()
     assert job.events.get(timeout=10) == ("waiting", None)
     job.stop.set()
@@ -315,9 +318,9 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout
 
 
 def test_imports_have_no_side_effects() -> None:
-    """Importing the demo scripts or magcache_app loads no model, builds no UI, starts nothing.
+    """Importing the demo scripts or the app module loads no model, builds no UI, starts nothing.
 
-    magcache_app imports gradio only inside the functions that build or serve the
+    The app module imports gradio only inside the functions that build or serve the
     UI, so "gradio was not imported" proves no Blocks and no server could exist.
     """
     code = textwrap.dedent("""
@@ -327,14 +330,15 @@ def test_imports_have_no_side_effects() -> None:
         report = {}
         for name in ("magcache_demo_gradio", "magcache_demo_gradio_f1"):
             report[name] = importlib.import_module(name).VARIANT
-        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", "magcache_app") if m in sys.modules)
+        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", "magcache_framepack.app")
+                                             if m in sys.modules)
 
-        import magcache_pipeline, magcache_models
+        from magcache_framepack import job, models
         calls = []
-        magcache_models.load_models = lambda *a, **k: calls.append("load_models")
-        magcache_models.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
+        models.load_models = lambda *a, **k: calls.append("load_models")
+        models.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
         threads = set(threading.enumerate())
-        import magcache_app
+        import magcache_framepack.app
         report["calls"] = calls
         report["new_threads"] = [t.name for t in threading.enumerate() if t not in threads]
         report["gradio_imported"] = "gradio" in sys.modules
@@ -353,38 +357,50 @@ def test_imports_have_no_side_effects() -> None:
     assert report["hf_home_unchanged"] and not report["cuda_initialised"]
 
 
-def test_the_files_the_readme_lists_run_a_job_on_their_own(tmp_path: pathlib.Path) -> None:
+def test_the_four_items_the_readme_lists_run_everything_on_their_own(tmp_path: pathlib.Path) -> None:
     """What the README tells a user to copy into a FramePack checkout is enough: in a folder holding
-    only those files, both demo scripts import, the UI builds and a tiny job writes its video and record."""
+    only those items, both apps build, a CLI job writes its video and record, and --ray gets as far as
+    importing Ray (here: an install hint, as Ray is hidden)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("| file | what it holds |"):].split("\n\n")[0]
-    listed = re.findall(r"^\| `([\w.]+)` \|", table, flags=re.M)
-    assert {"magcache_demo_gradio.py", "magcache_demo_gradio_f1.py", "magcache_app.py"} <= set(listed)
+    table = readme[readme.index("| copy | what it holds |"):].split("\n\n")[0]
+    rows = re.findall(r"^\| (`[^|]+) \|", table, flags=re.M)
+    assert len(rows) <= 4, rows
+    listed = [name for row in rows for name in re.findall(r"`([\w./]+)`", row)]
+    assert {"magcache_demo_gradio.py", "magcache_demo_gradio_f1.py", "magcache_core.py",
+            "magcache_ratio_library.json", "magcache_framepack/"} == set(listed)
     for name in listed:
-        shutil.copy(ROOT / name, tmp_path / name)
+        if name.endswith("/"):
+            shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, tmp_path / name)
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     code = textwrap.dedent("""
         import json, pathlib, sys
-        import numpy as np
-        import magcache_demo_gradio, magcache_demo_gradio_f1, magcache_app, magcache_models, magcache_pipeline
-        models = magcache_models.load_models("f1", tiny=True)
-        magcache_app.build_ui(models, "f1", outputs_dir="outputs", profiles_dir="profiles")
-        image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
-        settings = magcache_pipeline.JobSettings(prompt="a box", total_second_length=1, steps=4,
-                                                 latent_window_size=6)
-        result = magcache_pipeline.run_job(models, image, settings, outputs_dir="outputs")
+        import magcache_demo_gradio, magcache_demo_gradio_f1
+        from magcache_framepack.app import build_ui
+        from magcache_framepack.models import load_models
+        for variant in ("framepack", "f1"):
+            build_ui(load_models(variant, tiny=True), variant, outputs_dir="outputs", profiles_dir="profiles")
+        from magcache_framepack.cli import main
+        rc = main(["--tiny", "--image", "in.png", "--prompt", "a box", "--seconds", "1", "--steps", "4",
+                   "--output", "out.mp4", "--no-progress"])
         here = pathlib.Path.cwd()
-        print(json.dumps({"status": result.status, "video": result.video_path,
-                          "record": pathlib.Path(result.video_path).with_suffix(".json").is_file(),
-                          "from": sorted({str(pathlib.Path(m.__file__).parent == here)
-                                          for n, m in sys.modules.items() if n.startswith("magcache_")})}))
+        print(json.dumps({"rc": rc, "from": sorted({str(pathlib.Path(m.__file__).resolve().is_relative_to(here))
+                                                    for n, m in sys.modules.items() if n.startswith("magcache")})}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["status"] == "done" and report["record"] and pathlib.Path(tmp_path, report["video"]).is_file()
-    assert report["from"] == ["True"]          # every magcache_* module came from the copied files
+    assert report["rc"] == 0 and (tmp_path / "out.mp4").is_file() and (tmp_path / "out.json").is_file()
+    assert report["from"] == ["True"]          # every magcache module came from the copied items
+    # --ray up to Ray's own import: with Ray hidden, the CLI says what to install
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "in.png"}) + "\n")
+    hide_ray = "import sys; sys.modules['ray'] = None; from magcache_framepack.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", hide_ray, "--jobs", "jobs.jsonl", "--tiny", "--ray"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pip install -r requirements-ray.txt" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_demo_script_without_cuda_names_tiny() -> None:
@@ -407,20 +423,20 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """main() with the model loading, UI building and server replaced by recorders."""
     import torch
 
-    import magcache_models
+    from magcache_framepack import app as app_module, models as models_module
 
     seen: dict[str, Any] = {"loads": []}
     demo = FakeDemo()
     seen["demo"] = demo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(magcache_models, "load_models",
+    monkeypatch.setattr(models_module, "load_models",
                         lambda variant, tiny=False: seen["loads"].append((variant, tiny)) or "models")
 
     def fake_build_ui(models: Any, variant: str, **kwargs: Any) -> FakeDemo:
         seen["build"] = (models, variant, kwargs)
         return demo
 
-    monkeypatch.setattr(magcache_app, "build_ui", fake_build_ui)
+    monkeypatch.setattr(app_module, "build_ui", fake_build_ui)
     # setenv first so that monkeypatch restores the original state (even "unset") after main() set it
     monkeypatch.setenv("HF_HOME", "placeholder")
     monkeypatch.delenv("HF_HOME")
@@ -429,7 +445,7 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
 def test_main_without_cuda_exits_naming_tiny(fake_main: dict[str, Any]) -> None:
     with pytest.raises(SystemExit) as exc:
-        magcache_app.main("f1", [])
+        main("f1", [])
     assert "--tiny" in str(exc.value.code)
     assert fake_main["loads"] == [] and fake_main["demo"].launched is None
 
@@ -437,8 +453,8 @@ def test_main_without_cuda_exits_naming_tiny(fake_main: dict[str, Any]) -> None:
 def test_main_binds_loopback_and_warns_when_exposed(fake_main: dict[str, Any], tmp_path: pathlib.Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     outputs = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="magcache_app"):
-        magcache_app.main("framepack", ["--tiny", "--outputs", str(outputs), "--port", "7999"])
+    with caplog.at_level(logging.WARNING, logger="magcache_framepack.app"):
+        main("framepack", ["--tiny", "--outputs", str(outputs), "--port", "7999"])
     assert fake_main["loads"] == [("framepack", True)]
     launched = fake_main["demo"].launched
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
@@ -446,8 +462,8 @@ def test_main_binds_loopback_and_warns_when_exposed(fake_main: dict[str, Any], t
     assert os.environ["HF_HOME"] == str(ROOT / "hf_download")
     assert not [r for r in caplog.records if "reachable" in r.getMessage()]
 
-    with caplog.at_level(logging.WARNING, logger="magcache_app"):
-        magcache_app.main("framepack", ["--tiny", "--server", "0.0.0.0", "--outputs", str(outputs)])
+    with caplog.at_level(logging.WARNING, logger="magcache_framepack.app"):
+        main("framepack", ["--tiny", "--server", "0.0.0.0", "--outputs", str(outputs)])
     assert fake_main["demo"].launched["server_name"] == "0.0.0.0"
     assert [r for r in caplog.records if "reachable" in r.getMessage()]
 
@@ -456,7 +472,7 @@ def test_main_refuses_a_bad_mag_ratios_file(fake_main: dict[str, Any], tmp_path:
                                             capsys: pytest.CaptureFixture[str]) -> None:
     other = write_profile(tmp_path, "f1.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
     with pytest.raises(SystemExit) as exc:
-        magcache_app.main("framepack", ["--tiny", "--mag-ratios", str(other)])
+        main("framepack", ["--tiny", "--mag-ratios", str(other)])
     assert exc.value.code != 0
     assert "calibrated for 'f1'" in capsys.readouterr().err
     assert fake_main["loads"] == []
@@ -467,7 +483,7 @@ def test_main_accepts_a_relative_mag_ratios_path(fake_main: dict[str, Any], tmp_
     (tmp_path / "magcache_profiles").mkdir()
     write_profile(tmp_path / "magcache_profiles", "mine.json", "framepack", list(magcache_core.FRAMEPACK_MAG_RATIOS))
     monkeypatch.chdir(tmp_path)
-    magcache_app.main("framepack", ["--tiny", "--mag-ratios", "magcache_profiles/mine.json",
+    main("framepack", ["--tiny", "--mag-ratios", "magcache_profiles/mine.json",
                                     "--outputs", str(tmp_path / "out")])
     assert fake_main["loads"] == [("framepack", True)]
     assert fake_main["build"][2]["mag_ratios"] == "magcache_profiles/mine.json"
@@ -478,7 +494,7 @@ def test_main_refuses_a_profile_of_another_model(fake_main: dict[str, Any], tmp_
     real = magcache_core.MagCacheProfile(variant="framepack", num_steps=25, model="lllyasviel/FramePackI2V_HY",
                                          ratios=list(magcache_core.FRAMEPACK_MAG_RATIOS)).save(tmp_path / "real.json")
     with pytest.raises(SystemExit) as exc:
-        magcache_app.main("framepack", ["--tiny", "--mag-ratios", str(real)])
+        main("framepack", ["--tiny", "--mag-ratios", str(real)])
     assert exc.value.code != 0
     assert "calibrated on 'lllyasviel/FramePackI2V_HY', not 'tiny-random'" in capsys.readouterr().err
     assert fake_main["loads"] == []
@@ -496,15 +512,15 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, variant: str, root: pathlib.Path) -> None:
-        import magcache_models
+        from magcache_framepack.models import load_models
 
         self.variant = variant
         self.outputs = root / "outputs"
         self.profiles = root / "profiles"
         self.profiles.mkdir(parents=True)
-        models = magcache_models.load_models(variant, tiny=True)
-        self.demo = magcache_app.build_ui(models, variant, outputs_dir=self.outputs, profiles_dir=self.profiles)
-        magcache_app.launch(self.demo, server_port=free_port(), outputs_dir=self.outputs,
+        models = load_models(variant, tiny=True)
+        self.demo = build_ui(models, variant, outputs_dir=self.outputs, profiles_dir=self.profiles)
+        launch(self.demo, server_port=free_port(), outputs_dir=self.outputs,
                             prevent_thread_lock=True, quiet=True)
         self.url = self.demo.local_url
         self.image = root / "input.png"
@@ -522,8 +538,8 @@ class Server:
         client = client or self.client()
         result = client.predict(input_image=handle_file(str(self.image)), api_name="/generate",
                                 **{"prompt": "a cat walks", **inputs})
-        out = dict(zip(magcache_app.GENERATE_OUTPUTS, result, strict=True))
-        out["video_file"] = magcache_app.video_path_from_output(out["video"])
+        out = dict(zip(GENERATE_OUTPUTS, result, strict=True))
+        out["video_file"] = video_path_from_output(out["video"])
         return out
 
 
@@ -549,7 +565,7 @@ def test_generate_api_contract(servers: Any) -> None:
     assert {"steps", "magcache_thresh", "magcache_K", "retention_ratio", "cache", "mag_ratios", "calibrate",
             "cfg", "mp4_crf", "seed", "total_second_length"} <= set(names)
     assert all(p["parameter_has_default"] for p in params if p["parameter_name"] != "input_image")
-    assert len(api["named_endpoints"]["/generate"]["returns"]) == len(magcache_app.GENERATE_OUTPUTS)
+    assert len(api["named_endpoints"]["/generate"]["returns"]) == len(GENERATE_OUTPUTS)
 
 
 @pytest.mark.slow
@@ -599,7 +615,7 @@ def test_calibration_profile_is_saved_and_used(servers: Any) -> None:
     assert profile_path.parent == server.profiles.resolve()
     profile = magcache_core.MagCacheProfile.load(profile_path)
     assert profile.variant == "framepack" and profile.num_steps == FAST["steps"]
-    catalog = magcache_app.ProfileCatalog("framepack", server.profiles)
+    catalog = ProfileCatalog("framepack", server.profiles)
     assert profile_path.name in [value for _, value in catalog.choices()]
 
     used = server.generate(mag_ratios=profile_path.name, **settings)["report"]
@@ -622,13 +638,13 @@ def test_bad_inputs_end_the_job_with_a_message(servers: Any, capfd: pytest.Captu
     assert "calibrated for 'f1'" in refused["summary"] and refused["video_file"] is None
 
     client = server.client()
-    no_image = dict(zip(magcache_app.GENERATE_OUTPUTS,
+    no_image = dict(zip(GENERATE_OUTPUTS,
                         client.predict(input_image=None, prompt="x", api_name="/generate"), strict=True))
     assert no_image["report"]["status"] == "error" and "No input image" in no_image["report"]["message"]
 
     tiny = server.image.with_name("too_small.png")
     Image.fromarray(np.zeros((8, 300, 3), np.uint8)).save(tiny)
-    odd = dict(zip(magcache_app.GENERATE_OUTPUTS,
+    odd = dict(zip(GENERATE_OUTPUTS,
                    client.predict(input_image=handle_file(str(tiny)), prompt="x", api_name="/generate"),
                    strict=True))
     assert odd["report"]["status"] == "error" and "16x16" in odd["report"]["message"]
@@ -636,7 +652,7 @@ def test_bad_inputs_end_the_job_with_a_message(servers: Any, capfd: pytest.Captu
     # a text file named .png: the message says so and which files work, and nothing crashed
     fake = server.image.with_name("holiday.png")
     fake.write_text("this is not a picture", encoding="utf-8")
-    not_image = dict(zip(magcache_app.GENERATE_OUTPUTS,
+    not_image = dict(zip(GENERATE_OUTPUTS,
                          client.predict(input_image=handle_file(str(fake)), prompt="x", api_name="/generate"),
                          strict=True))
     assert not_image["report"]["status"] == "error"
@@ -658,7 +674,7 @@ def test_a_profile_made_for_this_job_is_offered_first(tmp_path: pathlib.Path) ->
     profile("b_other_size.json", 640, 25)
     profile("c_this_job.json", 120, 25)            # 120 px frames pick the 128-px table, as this app's do
     profile("d_real_model.json", 128, 25, model="lllyasviel/FramePackI2V_HY")
-    catalog = magcache_app.ProfileCatalog("framepack", tmp_path, model="tiny-random", resolution=128)
+    catalog = ProfileCatalog("framepack", tmp_path, model="tiny-random", resolution=128)
     assert [value for _, value in catalog.choices(25)] == \
         ["c_this_job.json", "library", "a_other_steps.json", "b_other_size.json"]
     assert [value for _, value in catalog.choices(30)] == \
@@ -677,7 +693,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 def test_end_through_the_api_stops_only_this_clients_job(servers: Any) -> None:
     """/end from the Client that started a job stops it mid-way; another client's queued job runs; a stray
     /end (no job) returns False and leaves the client's next job alone."""
-    import magcache_pipeline
+    from magcache_framepack.settings import JobSettings, section_count
     from gradio_client import handle_file
 
     server = servers("framepack")
@@ -690,11 +706,11 @@ def test_end_through_the_api_stops_only_this_clients_job(servers: Any) -> None:
                                     api_name="/generate", **ONE_SECTION)
     assert other_client.predict(api_name="/end") is False      # its job waits in the queue: not running, not touched
     assert long_client.predict(api_name="/end") is True
-    stopped = dict(zip(magcache_app.GENERATE_OUTPUTS, long_job.result(timeout=120), strict=True))
+    stopped = dict(zip(GENERATE_OUTPUTS, long_job.result(timeout=120), strict=True))
     assert stopped["report"]["status"] == "stopped", stopped["report"]["message"]
-    sections = magcache_pipeline.section_count(20, magcache_pipeline.JobSettings(prompt="").latent_window_size)
+    sections = section_count(20, JobSettings(prompt="").latent_window_size)
     assert len(stopped["report"]["sections"]) < sections       # it stopped mid-way
-    finished = dict(zip(magcache_app.GENERATE_OUTPUTS, other_job.result(timeout=120), strict=True))
+    finished = dict(zip(GENERATE_OUTPUTS, other_job.result(timeout=120), strict=True))
     assert finished["report"]["status"] == "done", finished["report"]["message"]
     assert pathlib.Path(finished["report"]["video"]).is_file()
     # nothing was left armed by the stray /end: this client's next job runs to the end

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import magcache_bench as bench
+from magcache_framepack.bench import (SpeedSetting, SweepRow, bench_shape, json_safe, main, parse_setting, psnr,
+                                      run_sweep, speed_rows, ssim, sweep_figure, sweep_table)
 
 C1 = (0.01 * 255) ** 2
 C2 = (0.03 * 255) ** 2
@@ -67,21 +68,21 @@ def expected_psnr(noise: np.ndarray) -> float:
 
 def test_psnr_identical_is_inf_and_noise_gives_the_independent_value() -> None:
     ref, other, noise = noisy_pair()
-    assert bench.psnr(ref[0], ref[0]) == math.inf
+    assert psnr(ref[0], ref[0]) == math.inf
     for i in range(len(ref)):
-        assert bench.psnr(ref[i], other[i]) == pytest.approx(expected_psnr(noise[i]), abs=0.1)
+        assert psnr(ref[i], other[i]) == pytest.approx(expected_psnr(noise[i]), abs=0.1)
     # a uniform error of 1 grey level everywhere is 20*log10(255) dB
-    assert bench.psnr(ref[0], ref[0] + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)
+    assert psnr(ref[0], ref[0] + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)
 
 
 def test_ssim_identical_is_one_and_constant_images_follow_the_closed_form() -> None:
     ref, other, _ = noisy_pair()
-    assert bench.ssim(ref[0], ref[0]) == pytest.approx(1.0, abs=1e-12)
-    assert bench.ssim(ref[0], other[0]) < 0.99
+    assert ssim(ref[0], ref[0]) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(ref[0], other[0]) < 0.99
     # flat images: variances and covariance are 0, SSIM is the luminance term alone
     a = np.full((24, 30, 3), 100, np.uint8)
     b = np.full((24, 30, 3), 140, np.uint8)
-    assert bench.ssim(a, b) == pytest.approx((2 * 100 * 140 + C1) / (100 ** 2 + 140 ** 2 + C1), rel=1e-9)
+    assert ssim(a, b) == pytest.approx((2 * 100 * 140 + C1) / (100 ** 2 + 140 ** 2 + C1), rel=1e-9)
 
 
 def test_ssim_matches_a_brute_force_window_by_window_computation() -> None:
@@ -100,11 +101,11 @@ def test_ssim_matches_a_brute_force_window_by_window_computation() -> None:
             va, vb = (win * (pa - ma) ** 2).sum(), (win * (pb - mb) ** 2).sum()
             cov = (win * (pa - ma) * (pb - mb)).sum()
             vals.append(((2 * ma * mb + C1) * (2 * cov + C2)) / ((ma ** 2 + mb ** 2 + C1) * (va + vb + C2)))
-    assert bench.ssim(a, b) == pytest.approx(float(np.mean(vals)), abs=1e-9)
+    assert ssim(a, b) == pytest.approx(float(np.mean(vals)), abs=1e-9)
 
 
 def test_json_safe_writes_inf_as_a_string_and_nan_as_null() -> None:
-    assert bench.json_safe({"a": [math.inf, 1.5, math.nan]}) == {"a": ["inf", 1.5, None]}
+    assert json_safe({"a": [math.inf, 1.5, math.nan]}) == {"a": ["inf", 1.5, None]}
 
 
 # ---------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_compare_cli_identical_and_noisy_videos(tmp_path: Path, capsys: pytest.C
     assert np.array_equal(decode(other_path), other)       # the encoding really is lossless
 
     out = tmp_path / "same.json"
-    assert bench.main(["compare", str(ref_path), str(ref_path), "--json", str(out)]) == 0
+    assert main(["compare", str(ref_path), str(ref_path), "--json", str(out)]) == 0
     same = json.loads(out.read_text())
     assert same["frames"] == 5
     assert same["psnr"]["mean"] == "inf" and same["psnr"]["min"] == "inf"
@@ -127,7 +128,7 @@ def test_compare_cli_identical_and_noisy_videos(tmp_path: Path, capsys: pytest.C
     assert "inf" in capsys.readouterr().out
 
     out = tmp_path / "noisy.json"
-    assert bench.main(["compare", str(ref_path), str(other_path), "--json", str(out), "--no-lpips"]) == 0
+    assert main(["compare", str(ref_path), str(other_path), "--json", str(out), "--no-lpips"]) == 0
     noisy = json.loads(out.read_text())
     per_frame = [expected_psnr(noise[i]) for i in range(5)]
     assert noisy["frames"] == 5
@@ -143,14 +144,14 @@ def test_compare_refuses_different_counts_and_sizes(tmp_path: Path, capsys: pyte
     shorter = write_lossless(tmp_path / "b", ref[:3])
     smaller = write_lossless(tmp_path / "c", ref[:, :32, :48])
     capsys.readouterr()
-    assert bench.main(["compare", str(a), str(shorter)]) == 2
+    assert main(["compare", str(a), str(shorter)]) == 2
     err = capsys.readouterr().err
     assert "frame counts differ" in err and "4 frames" in err and "3" in err and "Traceback" not in err
-    assert bench.main(["compare", str(a), str(smaller)]) == 2
+    assert main(["compare", str(a), str(smaller)]) == 2
     err = capsys.readouterr().err
     assert "sizes differ" in err and "56x40" in err and "48x32" in err
     with pytest.raises(SystemExit) as exc:
-        bench.main(["compare", str(a), str(tmp_path / "missing.mp4")])
+        main(["compare", str(a), str(tmp_path / "missing.mp4")])
     assert exc.value.code == 2
     assert "not found" in capsys.readouterr().err
 
@@ -160,8 +161,8 @@ def test_compare_refuses_different_counts_and_sizes(tmp_path: Path, capsys: pyte
 # ---------------------------------------------------------------------------
 
 def test_speed_rows_arithmetic() -> None:
-    settings = [bench.SpeedSetting("off"), bench.SpeedSetting("x", (0.1, 3, 0.2))]
-    rows = bench.speed_rows(
+    settings = [SpeedSetting("off"), SpeedSetting("x", (0.1, 3, 0.2))]
+    rows = speed_rows(
         timings={"off": [10.0, 12.0, 11.0], "x": [5.0, 6.0, 4.0]},
         call_times={"off": ([0.4, 0.4], []), "x": ([0.5, 0.3, 0.4], [0.01, 0.02, 0.03])},
         computed={"off": 25, "x": 10}, total_steps=25, settings=settings)
@@ -174,17 +175,17 @@ def test_speed_rows_arithmetic() -> None:
 
 
 def test_parse_setting_accepts_and_refuses() -> None:
-    assert bench.parse_setting("0.12, 3, 0.25") == (0.12, 3, 0.25)
+    assert parse_setting("0.12, 3, 0.25") == (0.12, 3, 0.25)
     for bad in ("0.1,3", "a,3,0.2", "0.1,2.5,0.2", "-0.1,3,0.2", "0.1,0,0.2", "0.1,3,1.0"):
         with pytest.raises(ValueError):
-            bench.parse_setting(bad)
+            parse_setting(bad)
 
 
 def test_speed_tiny_matches_the_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import magcache_core as core
 
     out = tmp_path / "speed.json"
-    assert bench.main(["speed", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
+    assert main(["speed", "--size", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
                        "--setting", "0.3,2,0.1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     table = capsys.readouterr().out
@@ -211,7 +212,7 @@ def test_speed_tiny_matches_the_schedule(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_speed_refuses_bad_settings(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
-        bench.main(["speed", "--setting", "0.1,0,0.2"])
+        main(["speed", "--setting", "0.1,0,0.2"])
     assert exc.value.code == 2
     assert "K must be an integer >= 1" in capsys.readouterr().err
 
@@ -222,17 +223,17 @@ def test_full_size_without_cuda_is_refused(capsys: pytest.CaptureFixture) -> Non
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit) as exc:
-        bench.main(["speed", "--size", "full"])
+        main(["speed", "--size", "full"])
     assert exc.value.code == 2
     assert "CUDA" in capsys.readouterr().err
 
 
 def test_full_shape_is_framepacks_real_transformer() -> None:
-    shape = bench.bench_shape("full", 640, bucket=lambda h, w, r: (640, 608))
+    shape = bench_shape("full", 640, bucket=lambda h, w, r: (640, 608))
     assert (shape.heads * shape.head_dim, shape.double_layers, shape.single_layers) == (3072, 20, 40)
     assert (shape.text_embed_dim, shape.pooled_dim, shape.image_proj_dim) == (4096, 768, 1152)
     assert shape.rope_axes == (16, 56, 56) and (shape.dtype, shape.device) == ("bfloat16", "cuda")
-    small = bench.bench_shape("small")
+    small = bench_shape("small")
     assert (small.heads, small.head_dim, small.double_layers, small.single_layers, small.refiner_layers) == \
         (4, 32, 4, 8, 2)
     assert (small.height, small.width, small.frames, small.text_pad) == (128, 128, 33, 512)
@@ -252,7 +253,7 @@ def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.Captur
     x[16:48, 8:40] = (200, 60, 30)
     Image.fromarray(x).save(img)
     out = tmp_path / "sweep"
-    rc = bench.main(["sweep", "--image", str(img), "--prompt", "a red box", "--tiny", "--seconds", "1",
+    rc = main(["sweep", "--image", str(img), "--prompt", "a red box", "--tiny", "--seconds", "1",
                      "--steps", "8", "--no-presets", "--setting", "0.5,3,0.1", "--out", str(out), "--no-lpips", "--no-warmup",
                      "--repeats", "2"])
     assert rc == 0
@@ -288,9 +289,9 @@ FAKE = {
 }
 
 
-def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[bench.SweepRow], str, list[str]]:
-    import magcache_pipeline as pipeline
-    import magcache_models
+def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[SweepRow], str, list[str]]:
+    from magcache_framepack.job import JobResult, SectionReport
+    from magcache_framepack import bench as bench_module, job as job_module, models as models_module
     from PIL import Image
 
     names = {None: "off", 0.1: "A", 0.2: "B"}
@@ -304,21 +305,21 @@ def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[be
         video = Path(outputs_dir) / "job.mp4"
         video.parent.mkdir(parents=True, exist_ok=True)
         video.write_bytes(b"fake")
-        sections = [pipeline.SectionReport(index=i, total=2, computed_steps=list(range(f["computed"])),
+        sections = [SectionReport(index=i, total=2, computed_steps=list(range(f["computed"])),
                                            skipped_steps=list(range(f["computed"], 25)), seconds=0.0,
                                            video_path=str(video), frames=1, sampling_seconds=f["sampling"][n] / 2)
                     for i in range(2)]
-        return pipeline.JobResult(status="done", message="ok", video_path=str(video), sections=sections,
+        return JobResult(status="done", message="ok", video_path=str(video), sections=sections,
                                   seconds=f["job"][n])
 
-    monkeypatch.setattr(magcache_models, "load_models", lambda variant, tiny: None)
-    monkeypatch.setattr(pipeline, "run_job", run_job)
-    monkeypatch.setattr(bench, "compare_videos", lambda ref, other, use_lpips: {
+    monkeypatch.setattr(models_module, "load_models", lambda variant, tiny: None)
+    monkeypatch.setattr(job_module, "run_job", run_job)
+    monkeypatch.setattr(bench_module, "compare_videos", lambda ref, other, use_lpips: {
         "psnr": {"mean": 30.0, "min": 25.0}, "ssim": {"mean": 0.9, "min": 0.8}, "lpips": None})
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
-    settings = [bench.SpeedSetting("off"), bench.SpeedSetting("A", (0.1, 3, 0.2)), bench.SpeedSetting("B", (0.2, 3, 0.2))]
-    rows, md = bench.run_sweep(str(img), "p", settings, tmp_path / "out", warmup=False, repeats=3)
+    settings = [SpeedSetting("off"), SpeedSetting("A", (0.1, 3, 0.2)), SpeedSetting("B", (0.2, 3, 0.2))]
+    rows, md = run_sweep(str(img), "p", settings, tmp_path / "out", warmup=False, repeats=3)
     return rows, md, calls
 
 
@@ -360,18 +361,18 @@ def test_sweep_medians_and_percent_of_ideal_from_fake_timings(tmp_path: Path, mo
 
 
 def test_sweep_without_noise_has_no_noise_note() -> None:
-    row = bench.SweepRow(setting="A", seconds=5.0, sampling_seconds=4.0, speedup=2.0, sampling_speedup=2.2,
+    row = SweepRow(setting="A", seconds=5.0, sampling_seconds=4.0, speedup=2.0, sampling_speedup=2.2,
                          computed_steps=10, total_steps=25, video=None, status="done", ideal_speedup=2.5,
                          pct_of_ideal=88.0)
-    md = bench.sweep_table([row])
+    md = sweep_table([row])
     assert "noise" not in md and table_cells(md, "A")[6] == "88.0%"
 
 
 def test_sweep_repeats_are_validated(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        bench.main(["sweep", "--image", str(tmp_path / "x.png"), "--repeats", "0"])
+        main(["sweep", "--image", str(tmp_path / "x.png"), "--repeats", "0"])
     with pytest.raises(ValueError, match="repeats"):
-        bench.run_sweep(str(tmp_path / "x.png"), "", [bench.SpeedSetting("off")], tmp_path, repeats=0)
+        run_sweep(str(tmp_path / "x.png"), "", [SpeedSetting("off")], tmp_path, repeats=0)
 
 
 def test_sweep_chart_title_fits_the_figure() -> None:
@@ -379,7 +380,7 @@ def test_sweep_chart_title_fits_the_figure() -> None:
 
     title = ("MagCache sweep: framepack, 5 s video, 25 steps, seed 31337, real models, CRF 0, median of 3 "
              "interleaved runs; quality vs the uncached video\n(tiny: numbers meaningless)")
-    rows = [bench.SweepRow(setting="E015K4R02", seconds=4.0, sampling_seconds=3.0, speedup=2.2, sampling_speedup=2.2,
+    rows = [SweepRow(setting="E015K4R02", seconds=4.0, sampling_seconds=3.0, speedup=2.2, sampling_speedup=2.2,
                            computed_steps=11, total_steps=25, video=None, status="done", ideal_speedup=25 / 11,
                            psnr_mean=31.0)]
 
@@ -389,7 +390,7 @@ def test_sweep_chart_title_fits_the_figure() -> None:
         box = fig.axes[0].title.get_window_extent(canvas.get_renderer())
         return box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
 
-    fig = bench.sweep_figure(rows, title)
+    fig = sweep_figure(rows, title)
     assert title_inside(fig)
     # every word of the title is drawn
     assert fig.axes[0].get_title().split() == title.split()

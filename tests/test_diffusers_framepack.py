@@ -21,13 +21,14 @@ import pytest
 import torch
 
 import magcache_core as mc
-import magcache_models
+from magcache_framepack.models import (Models, TINY_MODEL_ID, build_tiny_diffusers_pipeline, build_tiny_models,
+                                       diffusers_framepack_classes)
 from conftest import make_section, run_section
 from test_core_model import HookedReference
 from test_core_plan import reference_plan
 
 try:
-    magcache_models.diffusers_framepack_classes()
+    diffusers_framepack_classes()
 except ImportError as exc:
     pytest.skip(f"{exc}; these tests run in the current-release set", allow_module_level=True)
 
@@ -37,14 +38,14 @@ IMAGE = torch.linspace(0, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
-def tiny_models() -> magcache_models.Models:
-    return magcache_models.build_tiny_models("framepack")
+def tiny_models() -> Models:
+    return build_tiny_models("framepack")
 
 
 @pytest.fixture(scope="module")
 def pipes(tiny_models):
-    return {torch.float32: magcache_models.build_tiny_diffusers_pipeline(tiny_models),
-            torch.bfloat16: magcache_models.build_tiny_diffusers_pipeline(tiny_models, dtype=torch.bfloat16)}
+    return {torch.float32: build_tiny_diffusers_pipeline(tiny_models),
+            torch.bfloat16: build_tiny_diffusers_pipeline(tiny_models, dtype=torch.bfloat16)}
 
 
 @pytest.fixture()
@@ -308,7 +309,7 @@ def test_calibration_profiles_cross_between_the_two_classes(tiny_models, pipe, t
         for profile in (from_diffusers, from_framepack):
             assert profile.model == "lllyasviel/FramePackI2V_HY"
             with pytest.raises(ValueError, match="calibrated on"):
-                mc.MagCacheConfig(mag_ratios=profile, model=magcache_models.TINY_MODEL_ID)
+                mc.MagCacheConfig(mag_ratios=profile, model=TINY_MODEL_ID)
     finally:
         model.register_to_config(_name_or_path=None)
         packed.register_to_config(_name_or_path=None)
@@ -338,13 +339,13 @@ def test_speed_bench_times_the_diffusers_pipeline(tmp_path, capsys):
 
     import diffusers
 
-    import magcache_bench as bench
+    from magcache_framepack.bench import main
 
     compare = hasattr(diffusers, "MagCacheConfig")
     out = tmp_path / "speed.json"
     args = ["speed", "--size", "tiny", "--model", "diffusers", "--cfg", "3", "--repeats", "1", "--warmup", "0",
             "--json", str(out)] + (["--compare-diffusers"] if compare else [])
-    assert bench.main(args) == 0
+    assert main(args) == 0
     table = capsys.readouterr().out
     rows = {r["setting"]: r for r in json.loads(out.read_text())}
     off = rows["off"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import magcache_generate as gen
+from magcache_framepack.jobfiles import JobError, merge_values, normalise_job_line, output_for_line
+from magcache_framepack.cli import main
 
 
 def frame_count(path: Path) -> int:
@@ -32,7 +33,7 @@ def frame_count(path: Path) -> int:
 def test_bad_arguments_are_argparse_errors(image: Path, capsys: pytest.CaptureFixture,
                                            extra: list[str], expected: str) -> None:
     with pytest.raises(SystemExit) as exc:
-        gen.main(["--image", str(image), "--tiny", *extra])
+        main(["--image", str(image), "--tiny", *extra])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "usage:" in err and "Traceback" not in err
@@ -40,14 +41,14 @@ def test_bad_arguments_are_argparse_errors(image: Path, capsys: pytest.CaptureFi
 
 def test_missing_image_and_unknown_choice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
-        gen.main(["--image", str(tmp_path / "none.png"), "--tiny"])
+        main(["--image", str(tmp_path / "none.png"), "--tiny"])
     assert exc.value.code == 2
     assert "--image: file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        gen.main(["--tiny"])
+        main(["--tiny"])
     assert "--image is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        gen.main(["--image", "x.png", "--preset", "E020K5R01"])
+        main(["--image", "x.png", "--preset", "E020K5R01"])
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -57,38 +58,38 @@ def test_real_models_without_cuda_point_to_tiny(image: Path, capsys: pytest.Capt
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit):
-        gen.main(["--image", str(image)])
+        main(["--image", str(image)])
     assert "--tiny" in capsys.readouterr().err
 
 
 def test_presets_and_layering() -> None:
     # the two published presets: (thresh, K, retention)
-    v = gen.merge_values({"preset": "E015K4R02"})
+    v = merge_values({"preset": "E015K4R02"})
     assert (v["magcache_thresh"], v["magcache_K"], v["retention_ratio"]) == (0.15, 4, 0.2)
-    v = gen.merge_values({"preset": "E010K3R02"})
+    v = merge_values({"preset": "E010K3R02"})
     assert (v["magcache_thresh"], v["magcache_K"], v["retention_ratio"]) == (0.10, 3, 0.2)
     # explicit flags beat the preset of the same layer
-    v = gen.merge_values({"preset": "E015K4R02", "magcache_K": 2})
+    v = merge_values({"preset": "E015K4R02", "magcache_K": 2})
     assert (v["magcache_thresh"], v["magcache_K"]) == (0.15, 2)
     # a job line beats the command line, and inherits what it leaves open
-    v = gen.merge_values({"preset": "E015K4R02", "steps": 12, "prompt": "cli"},
+    v = merge_values({"preset": "E015K4R02", "steps": 12, "prompt": "cli"},
                          {"preset": "E010K3R02", "prompt": "job"})
     assert (v["magcache_thresh"], v["magcache_K"], v["steps"], v["prompt"]) == (0.10, 3, 12, "job")
-    v = gen.merge_values({"magcache_thresh": 0.2}, {"seed": 5})
+    v = merge_values({"magcache_thresh": 0.2}, {"seed": 5})
     assert (v["magcache_thresh"], v["seed"], v["magcache_K"]) == (0.2, 5, 3)
 
 
 def test_job_lines_are_checked() -> None:
-    assert gen.normalise_job_line({"magcache_K": "4", "seconds": 2, "tiny": True}) == \
+    assert normalise_job_line({"magcache_K": "4", "seconds": 2, "tiny": True}) == \
         {"magcache_K": 4, "seconds": 2.0, "tiny": True}
     # the flag spellings work as keys too, as the README promises
-    assert gen.normalise_job_line({"magcache-K": 4, "retention-ratio": 0.3, "n-prompt": "x", "mag-ratios": None}) == \
+    assert normalise_job_line({"magcache-K": 4, "retention-ratio": 0.3, "n-prompt": "x", "mag-ratios": None}) == \
         {"magcache_K": 4, "retention_ratio": 0.3, "n_prompt": "x", "mag_ratios": None}
     for bad in ({"colour": "red"}, {"steps": 2.5}, {"tiny": "maybe"}, {"magcache_thresh": "x"}, ["image"]):
-        with pytest.raises(gen.JobError):
-            gen.normalise_job_line(bad)
-    assert gen.output_for_line("out/v.mp4", 3, from_job=False) == str(Path("out/v-line3.mp4"))
-    assert gen.output_for_line("mine.mp4", 3, from_job=True) == "mine.mp4"
+        with pytest.raises(JobError):
+            normalise_job_line(bad)
+    assert output_for_line("out/v.mp4", 3, from_job=False) == str(Path("out/v-line3.mp4"))
+    assert output_for_line("mine.mp4", 3, from_job=True) == "mine.mp4"
 
 
 @pytest.mark.slow
@@ -103,7 +104,7 @@ def test_jobs_file_survives_bad_jobs(tmp_path: Path, image: Path, capsys: pytest
         json.dumps({"image": str(image), "prompt": "a blue box", "output": str(out), "preset": "E015K4R02"}),
         json.dumps({"image": str(image), "magcache_K": 0}),
     ]) + "\n")
-    rc = gen.main(["--jobs", str(jobs), "--tiny", "--seconds", "1", "--steps", "6", "--no-progress",
+    rc = main(["--jobs", str(jobs), "--tiny", "--seconds", "1", "--steps", "6", "--no-progress",
                    "--outputs-dir", str(tmp_path / "outputs")])
     assert rc == 1
     printed = capsys.readouterr().out
@@ -121,7 +122,7 @@ def test_jobs_file_survives_bad_jobs(tmp_path: Path, image: Path, capsys: pytest
 def test_single_job_writes_output_and_calibration_profile(tmp_path: Path, image: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "video.mp4"
-    rc = gen.main(["--image", str(image), "--prompt", "calibrate me", "--tiny", "--seconds", "1", "--steps", "5",
+    rc = main(["--image", str(image), "--prompt", "calibrate me", "--tiny", "--seconds", "1", "--steps", "5",
                    "--calibrate", "--output", str(out), "--no-progress", "--outputs-dir", str(tmp_path / "o"),
                    "--profiles-dir", str(tmp_path / "profiles")])
     assert rc == 0
@@ -138,18 +139,18 @@ def test_ray_flag_without_ray_names_the_install_command(image: Path, tmp_path: P
                                                         capsys: pytest.CaptureFixture) -> None:
     import sys
 
-    import magcache_app
+    from magcache_framepack import app
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))    # main() sets it when unset; keep it test-local
     monkeypatch.setitem(sys.modules, "ray", None)          # as if Ray were not installed: `import ray` fails
-    monkeypatch.delitem(sys.modules, "magcache_ray", raising=False)
+    monkeypatch.delitem(sys.modules, "magcache_framepack.runners.ray", raising=False)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"image": str(image)}) + "\n")
-    assert gen.main(["--jobs", str(jobs), "--tiny", "--ray"]) == 2
+    assert main(["--jobs", str(jobs), "--tiny", "--ray"]) == 2
     assert "pip install -r requirements-ray.txt" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        magcache_app.main("framepack", ["--tiny", "--ray"])
+        app.main("framepack", ["--tiny", "--ray"])
     assert "pip install -r requirements-ray.txt" in str(exc.value.code)
     with pytest.raises(SystemExit):
-        gen.main(["--image", str(image), "--tiny", "--ray"])     # --ray runs a jobs file
+        main(["--image", str(image), "--tiny", "--ray"])     # --ray runs a jobs file
     assert "--ray runs a --jobs file" in capsys.readouterr().err

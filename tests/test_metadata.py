@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 
 import magcache_core
-import magcache_generate as gen
-import magcache_metadata
-import magcache_pipeline as mp
-import magcache_models
+from magcache_framepack.cli import main
+from magcache_framepack.records import FORMAT, frame_ranges, replay_verdict
+from magcache_framepack.settings import JobSettings, LIMITS
+from magcache_framepack.video import frames_sha256, write_mp4
+from magcache_framepack import models as models_module
+from magcache_framepack.models import TINY_MODEL_ID
 from conftest import library_plan_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,17 +47,17 @@ def frames(path: Path) -> np.ndarray:
 
 
 def test_limits_are_one_table_and_clamp_into_it() -> None:
-    s = mp.JobSettings(prompt="x", steps=500, retention_ratio=1.0, magcache_thresh=2.5, magcache_K=0.4,
+    s = JobSettings(prompt="x", steps=500, retention_ratio=1.0, magcache_thresh=2.5, magcache_K=0.4,
                        seed=-3, mp4_crf=99.6, total_second_length=0.2)
     c = s.clamped()
     assert (c.steps, c.retention_ratio, c.magcache_thresh, c.magcache_K, c.seed, c.mp4_crf,
             c.total_second_length) == (100, 0.99, 1.0, 1, 0, 51, 1)
     c.validate()                                    # a clamped job is a valid job
-    for name, limit in mp.LIMITS.items():
+    for name, limit in LIMITS.items():
         assert limit.accepts(limit.low) and limit.accepts(limit.high)
         above = limit.high + (1 if limit.integer else 0.5)
         with pytest.raises(ValueError, match=name):
-            bad = mp.JobSettings(prompt="x", **{name: above})
+            bad = JobSettings(prompt="x", **{name: above})
             bad.validate()
 
 
@@ -66,18 +68,18 @@ def test_bad_image_files_are_refused_before_loading(tmp_path: Path, monkeypatch:
     def no_models(*a, **k):
         raise AssertionError("models were loaded for a job whose image is bad")
 
-    monkeypatch.setattr(magcache_models, "load_models", no_models)
+    monkeypatch.setattr(models_module, "load_models", no_models)
     fake = tmp_path / "photo.png"
     fake.write_text("this is text, not a PNG")
     with pytest.raises(SystemExit) as exc:
-        gen.main(["--image", str(fake), "--tiny"])
+        main(["--image", str(fake), "--tiny"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "photo.png is not a readable image" in err and "PNG, JPEG" in err and "Traceback" not in err
     tiny = tmp_path / "dot.png"
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
     with pytest.raises(SystemExit):
-        gen.main(["--image", str(tiny), "--tiny"])
+        main(["--image", str(tiny), "--tiny"])
     assert "1x1 pixels; it must be at least 16x16" in capsys.readouterr().err
 
 
@@ -87,16 +89,16 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
     argv = ["--image", str(image), "--prompt", "a red box turns", "--tiny", "--seconds", "1", "--steps", "8",
             "--seed", "123", "--preset", "E015K4R02", "--output", str(out), "--no-progress",
             "--outputs-dir", str(tmp_path / "outputs")]
-    assert gen.main(argv) == 0
+    assert main(argv) == 0
     sidecar = out.with_suffix(".json")
     record = json.loads(sidecar.read_text())
     # the MP4's own comment tag holds the same record
     import av
     with av.open(str(out)) as c:
         assert json.loads(c.metadata["comment"]) == record
-    assert record["format"] == magcache_metadata.FORMAT
+    assert record["format"] == FORMAT
     assert (record["prompt"], record["seed"], record["variant"], record["model"]) == \
-        ("a red box turns", 123, "framepack", magcache_models.TINY_MODEL_ID)
+        ("a red box turns", 123, "framepack", TINY_MODEL_ID)
     assert record["image"]["name"] == "start.png"
     assert record["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     settings = record["settings"]
@@ -119,7 +121,7 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
     # the same video from the record alone, in a fresh process that differs in every way that used to matter
     env = dict(os.environ, PYTHONHASHSEED="7", OMP_NUM_THREADS="2")
     code = ("import sys, torch; torch.manual_seed(99); torch.rand(5); torch.set_num_threads(2); "
-            "import magcache_generate as g; sys.exit(g.main(sys.argv[1:]))")
+            "from magcache_framepack.cli import main; sys.exit(main(sys.argv[1:]))")
     again = tmp_path / "again.mp4"
     other = tmp_path / "seed7.mp4"
     last_lines = {}
@@ -151,15 +153,15 @@ def test_replay_errors_say_what_is_wrong(tmp_path: Path, image: Path, capsys: py
     not_record = tmp_path / "x.json"
     not_record.write_text('{"hello": 1}')
     with pytest.raises(SystemExit):
-        gen.main(["--replay", str(not_record)])
+        main(["--replay", str(not_record)])
     assert "is not a video record of this project" in capsys.readouterr().err
-    record = {"format": magcache_metadata.FORMAT, "prompt": "p", "n_prompt": "", "seed": 1, "variant": "framepack",
+    record = {"format": FORMAT, "prompt": "p", "n_prompt": "", "seed": 1, "variant": "framepack",
               "tiny": True, "settings": {"steps": 4},
               "image": {"name": "start.png", "path": str(image), "sha256": "0" * 64}}
     rec = tmp_path / "r.json"
     rec.write_text(json.dumps(record))
     with pytest.raises(SystemExit):
-        gen.main(["--replay", str(rec)])
+        main(["--replay", str(rec)])
     assert "is not the recorded input image" in capsys.readouterr().err
 
 
@@ -170,25 +172,25 @@ def test_replay_verdict_without_the_recorded_video_or_digest(tmp_path: Path) -> 
     changed[2, 4:12, 4:12] = 150       # frames 2 and 5 differ, by about 50 levels before encoding
     changed[5, 4:12, 4:12] = 150
     old, new = tmp_path / "old.mp4", tmp_path / "new.mp4"
-    mp.write_mp4(clip, old, crf=0)
-    mp.write_mp4(changed, new, crf=0)
-    record = {"format": magcache_metadata.FORMAT, "frames_sha256": mp.frames_sha256(clip)}
-    replayed = {"frames_sha256": mp.frames_sha256(changed)}
+    write_mp4(clip, old, crf=0)
+    write_mp4(changed, new, crf=0)
+    record = {"format": FORMAT, "frames_sha256": frames_sha256(clip)}
+    replayed = {"frames_sha256": frames_sha256(changed)}
     # the record's own video beside it: decoded and compared frame by frame
     diff = np.abs(frames(old).astype(int) - frames(new).astype(int)).reshape(6, -1).max(axis=1)
     assert list(np.flatnonzero(diff)) == [2, 5]
-    line = magcache_metadata.replay_verdict(record, old.with_suffix(".json"), replayed, new)
+    line = replay_verdict(record, old.with_suffix(".json"), replayed, new)
     assert line == (f"Replay: not the frames of the record: 2 of 6 frames differ (frame 2, 5), by at most "
                     f"{diff.max()} of 255 levels, decoded from both files.")
     # no video beside the record: the digests alone, and the line says the frames cannot be compared
-    line = magcache_metadata.replay_verdict(record, tmp_path / "gone.json", replayed, new)
+    line = replay_verdict(record, tmp_path / "gone.json", replayed, new)
     assert line.startswith("Replay: other frames than the record") and str(tmp_path / "gone.mp4") in line
     # a record from before frames_sha256: the decoded frames decide
-    line = magcache_metadata.replay_verdict({}, old, {"frames_sha256": mp.frames_sha256(clip)}, old)
+    line = replay_verdict({}, old, {"frames_sha256": frames_sha256(clip)}, old)
     assert line == "Replay: same decoded frames as old.mp4 (its record predates frames_sha256)."
 
 
 def test_frame_ranges() -> None:
-    assert magcache_metadata.frame_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8"
-    assert magcache_metadata.frame_ranges([3]) == "3"
-    assert magcache_metadata.frame_ranges([]) == ""
+    assert frame_ranges([7, 0, 1, 2, 5, 8]) == "0-2, 5, 7-8"
+    assert frame_ranges([3]) == "3"
+    assert frame_ranges([]) == ""

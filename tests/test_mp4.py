@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-import magcache_pipeline as mp
+from magcache_framepack.video import (X264_THREADS, cpu_features, frames_sha256, video_frames, write_mp4,
+                                      x264_asm_cap, x264_options)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENCODE_IN_FRESH_PROCESS = r"""
 import ctypes, sys
 import av, numpy as np, torch
-import magcache_pipeline
+from magcache_framepack import video
 fill, threads, writer, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(threads)
 
@@ -50,7 +51,7 @@ for i in range(t):
                   127 + 120 * np.sin((x + y + 5 * i) / 17.0)], -1)
     f[((x - (10 + 2 * i) % w) ** 2 + (y - (20 + i) % h) ** 2) < 120] = (250, 30, 30)
     frames.append(f.clip(0, 255).astype(np.uint8))
-video = np.stack(frames)
+frames = np.stack(frames)
 
 # Everything is imported: now leave the heap as a long job does, with freed blocks holding `fill`.
 libc = ctypes.CDLL(None)
@@ -64,12 +65,12 @@ for p in blocks:
     libc.free(p)
 
 if writer == "write_mp4":
-    magcache_pipeline.write_mp4(video, out, crf=16)
+    video.write_mp4(frames, out, crf=16)
 else:                       # the control: plain PyAV, x264 picks its own instruction set
     with av.open(out, mode="w", format="mp4") as c:
         s = c.add_stream("libx264", rate=30, options={"crf": "16"})
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        for f in video:
+        for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode(None))
 """
@@ -108,26 +109,26 @@ def test_same_frames_give_the_same_stream_in_fresh_processes_whatever_the_heap_h
     assert digests[1] == digests[0] and digests[2] == digests[0], \
         f"write_mp4 gave other video stream bytes for the same frames in other processes: {digests}"
     # the thread count x264 ran with is the fixed one, whatever the machine (x264 writes it into the stream)
-    assert f"threads={mp.X264_THREADS} ".encode() in written[0]
+    assert f"threads={X264_THREADS} ".encode() in written[0]
     control = [encode_in_fresh_process(tmp_path, fill, 1, "pyav") for fill, _ in runs]
     if has_avx512():
         assert len(set(control)) > 1, "the control encoded one stream: this CPU does not show the fault"
 
 
 def test_x264_is_capped_at_avx2_only_where_the_cpu_has_avx512() -> None:
-    assert mp.x264_asm_cap({"AVX512F": True, "AVX2": True, "AVX": True}) == "AVX2"
-    assert mp.x264_asm_cap({"AVX512F": False, "AVX2": True}) is None
-    assert mp.x264_asm_cap({"AVX2": True, "AVX": True}) is None         # x264 chooses on its own
-    assert mp.x264_asm_cap({"NEON": True, "ASIMD": True}) is None      # Arm: no x86 cap
-    assert mp.x264_asm_cap({}) is None                                  # unknown CPU: never force anything
-    assert mp.x264_options(16, {"AVX512F": True}) == {"crf": "16", "x264-params": "asm=AVX2"}
-    assert mp.x264_options(0, {"AVX2": True}) == {"crf": "0"}
+    assert x264_asm_cap({"AVX512F": True, "AVX2": True, "AVX": True}) == "AVX2"
+    assert x264_asm_cap({"AVX512F": False, "AVX2": True}) is None
+    assert x264_asm_cap({"AVX2": True, "AVX": True}) is None         # x264 chooses on its own
+    assert x264_asm_cap({"NEON": True, "ASIMD": True}) is None      # Arm: no x86 cap
+    assert x264_asm_cap({}) is None                                  # unknown CPU: never force anything
+    assert x264_options(16, {"AVX512F": True}) == {"crf": "16", "x264-params": "asm=AVX2"}
+    assert x264_options(0, {"AVX2": True}) == {"crf": "0"}
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo")
 def test_cpu_features_agree_with_the_kernel() -> None:
     flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
-    features = mp.cpu_features()
+    features = cpu_features()
     for name in ("avx2", "avx512f"):
         assert bool(features.get(name.upper())) == (name in flags), name
 
@@ -142,12 +143,12 @@ def test_video_frames_and_their_sha256_by_hand(tmp_path: pathlib.Path) -> None:
     expected = np.stack([np.concatenate([xs[0, :, t], xs[1, :, t]], axis=2).transpose(1, 2, 0) for t in range(2)])
     expected = np.concatenate([expected, expected[:, -1:]], axis=1)
     assert expected.shape == (2, 4, 10, 3)
-    video = mp.video_frames(x)
+    video = video_frames(x)
     assert np.array_equal(video, expected)
-    assert mp.frames_sha256(video) == hashlib.sha256(expected.tobytes()).hexdigest()
+    assert frames_sha256(video) == hashlib.sha256(expected.tobytes()).hexdigest()
     # write_mp4 takes exactly these frames; a lossless encode of a flat clip decodes to them
     flat = np.full((3, 16, 16, 3), 128, np.uint8)
-    path = mp.write_mp4(flat, tmp_path / "flat.mp4", crf=0, comment=json.dumps({"k": 1}))
+    path = write_mp4(flat, tmp_path / "flat.mp4", crf=0, comment=json.dumps({"k": 1}))
     with av.open(path) as c:
         decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
         assert json.loads(c.metadata["comment"]) == {"k": 1}
@@ -157,9 +158,9 @@ def test_video_frames_and_their_sha256_by_hand(tmp_path: pathlib.Path) -> None:
 
 def test_write_mp4_refuses_what_it_cannot_encode(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match="uint8"):
-        mp.write_mp4(np.zeros((2, 16, 16, 3), np.float32), tmp_path / "a.mp4")
+        write_mp4(np.zeros((2, 16, 16, 3), np.float32), tmp_path / "a.mp4")
     with pytest.raises(ValueError, match="even sides"):
-        mp.write_mp4(np.zeros((2, 15, 16, 3), np.uint8), tmp_path / "a.mp4")
+        write_mp4(np.zeros((2, 15, 16, 3), np.uint8), tmp_path / "a.mp4")
     with pytest.raises(ValueError, match="crf"):
-        mp.write_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "a.mp4", crf=52)
+        write_mp4(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "a.mp4", crf=52)
     assert not list(tmp_path.iterdir())

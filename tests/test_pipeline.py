@@ -27,8 +27,11 @@ import pytest
 import torch
 
 import magcache_core
-import magcache_pipeline as mp
-import magcache_models
+from magcache_framepack.settings import JobSettings, expected_frame_count, section_count
+from magcache_framepack.job import ProgressUpdate, SectionReport, find_bucket, prepare_input_image, run_job
+from magcache_framepack.video import video_frames, write_mp4
+from magcache_framepack import job as job_module, models as models_module
+from magcache_framepack.models import Models, VARIANTS, build_tiny_models, framepack_modules, load_models
 from conftest import library_plan_ratios
 
 RES = 64          # tiny bucket resolution: keeps a 2-second job to a few CPU seconds
@@ -110,7 +113,7 @@ class BlockCalls:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Iterator[dict[str, magcache_models.Models]]:
+def tiny() -> Iterator[dict[str, Models]]:
     """Both variants' tiny models, built while every network connection is refused."""
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tiny models must not touch the network")
@@ -118,7 +121,7 @@ def tiny() -> Iterator[dict[str, magcache_models.Models]]:
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setattr(socket.socket, "connect", refuse)
         mpatch.setattr(socket, "create_connection", refuse)
-        models = {name: magcache_models.load_models(name, tiny=True) for name in magcache_models.VARIANTS}
+        models = {name: load_models(name, tiny=True) for name in VARIANTS}
     yield models
 
 
@@ -131,45 +134,45 @@ def test_frame_arithmetic_matches_framepack_loop(forward: bool) -> None:
     for window in (1, 5, 9, 16, 33):
         for seconds in (0.1, 1, 1.2, 2, 5, 7.5, 10, 33, 60, 120):
             sim = simulate_framepack(seconds, window, forward)
-            assert mp.section_count(seconds, window) == len(sim)
-            assert mp.expected_frame_count(seconds, window) == sim[-1][1]
+            assert section_count(seconds, window) == len(sim)
+            assert expected_frame_count(seconds, window) == sim[-1][1]
     # FramePack's UI defaults: 5 s, window 9 -> 4 sections, 145 frames
-    assert (mp.section_count(5, 9), mp.expected_frame_count(5, 9)) == (4, 145)
+    assert (section_count(5, 9), expected_frame_count(5, 9)) == (4, 145)
 
 
 def test_framepack_modules_and_buckets() -> None:
-    fp = magcache_models.framepack_modules()
-    assert fp is magcache_models.framepack_modules()                 # imported once
+    fp = framepack_modules()
+    assert fp is framepack_modules()                 # imported once
     assert fp.source in ("checkout", "package")
     assert hasattr(fp.sampler, "sample_hunyuan") and hasattr(fp.models, "HunyuanVideoTransformer3DModelPacked")
     if not torch.cuda.is_available():
         assert fp.memory is None
     for h, w in [(480, 832), (1000, 1000), (300, 1200), (1200, 300)]:
-        assert mp.find_bucket(h, w, 640) == fp.bucket_tools.find_nearest_bucket(h, w, resolution=640)
-        bh, bw = mp.find_bucket(h, w, 128)
+        assert find_bucket(h, w, 640) == fp.bucket_tools.find_nearest_bucket(h, w, resolution=640)
+        bh, bw = find_bucket(h, w, 128)
         assert bh % 16 == 0 and bw % 16 == 0 and bh * bw <= 160 * 160
         assert (bh > bw) == (h > w) or h == w
 
 
 def test_variants_differ_only_where_they_should() -> None:
-    fp, f1 = magcache_models.VARIANTS["framepack"], magcache_models.VARIANTS["f1"]
+    fp, f1 = VARIANTS["framepack"], VARIANTS["f1"]
     assert fp.transformer_repo == "lllyasviel/FramePackI2V_HY"
     assert f1.transformer_repo == "lllyasviel/FramePack_F1_I2V_HY_20250503"
     assert tuple(fp.mag_ratios) == magcache_core.FRAMEPACK_MAG_RATIOS
     assert tuple(f1.mag_ratios) == magcache_core.FRAMEPACK_F1_MAG_RATIOS
     assert (fp.forward_sections, f1.forward_sections) == (False, True)
     with pytest.raises(ValueError, match="framepack"):
-        magcache_models.load_models("hunyuan", tiny=True)
+        load_models("hunyuan", tiny=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only without CUDA")
 def test_real_models_without_cuda_point_to_tiny() -> None:
     with pytest.raises(RuntimeError, match="--tiny"):
-        magcache_models.load_models("framepack")
+        load_models("framepack")
 
 
 def test_settings_validation_messages() -> None:
-    mp.JobSettings(prompt="x").validate()
+    JobSettings(prompt="x").validate()
     cases = {
         "steps": dict(steps=0), "cache": dict(cache="fast"), "latent_window_size": dict(latent_window_size=2.5),
         "total_second_length": dict(total_second_length=0), "mp4_crf": dict(mp4_crf=60),
@@ -178,12 +181,12 @@ def test_settings_validation_messages() -> None:
     }
     for field, kwargs in cases.items():
         with pytest.raises(ValueError, match=field):
-            mp.JobSettings(prompt="x", **kwargs).validate()
+            JobSettings(prompt="x", **kwargs).validate()
 
 
 def test_write_mp4_odd_size(tmp_path: pathlib.Path) -> None:
     gray = torch.full((1, 3, 5, 33, 17), 0.2)           # odd height and width
-    path = mp.write_mp4(mp.video_frames(gray), tmp_path / "v.mp4", fps=30, crf=0)
+    path = write_mp4(video_frames(gray), tmp_path / "v.mp4", fps=30, crf=0)
     assert decode_mp4(path) == (5, 18, 34)
     with av.open(path) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
@@ -192,18 +195,18 @@ def test_write_mp4_odd_size(tmp_path: pathlib.Path) -> None:
 
 
 def test_input_image_checks() -> None:
-    assert mp.prepare_input_image(test_image(channels=4)).shape == (72, 120, 3)
+    assert prepare_input_image(test_image(channels=4)).shape == (72, 120, 3)
     for bad, needle in [(None, "No input image"), (test_image()[:, :, 0], "shape"),
                         (test_image().astype(np.float32), "dtype"), ([[1, 2, 3]], "list")]:
         with pytest.raises(ValueError, match=needle):
-            mp.prepare_input_image(bad)
+            prepare_input_image(bad)
 
 
 # ---------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------
 
-def test_tiny_models_are_the_real_classes(tiny: dict[str, magcache_models.Models]) -> None:
+def test_tiny_models_are_the_real_classes(tiny: dict[str, Models]) -> None:
     import transformers
     from diffusers import AutoencoderKLHunyuanVideo
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
@@ -213,27 +216,27 @@ def test_tiny_models_are_the_real_classes(tiny: dict[str, magcache_models.Models
     assert isinstance(m.text_encoder_2, transformers.CLIPTextModel)
     assert isinstance(m.image_encoder, transformers.SiglipVisionModel)
     assert isinstance(m.vae, AutoencoderKLHunyuanVideo)
-    assert isinstance(m.transformer, magcache_models.framepack_modules().models.HunyuanVideoTransformer3DModelPacked)
+    assert isinstance(m.transformer, framepack_modules().models.HunyuanVideoTransformer3DModelPacked)
     assert m.transformer.image_projection is not None and m.transformer.clean_x_embedder is not None
     assert m.tiny and m.device == torch.device("cpu") and m.transformer.dtype == torch.float32
     # FramePack drops the template's first crop_start tokens: the prompt must survive the crop
     prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
     assert len(m.tokenizer(prefix).input_ids) >= DEFAULT_PROMPT_TEMPLATE["crop_start"]
     # same seed, same weights
-    again = magcache_models.load_models("f1", tiny=True)
+    again = load_models("f1", tiny=True)
     assert all(torch.equal(a, b) for a, b in zip(m.transformer.parameters(), again.transformer.parameters()))
 
 
 @pytest.mark.parametrize("variant", ["framepack", "f1"])
-def test_magcache_job(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path, variant: str) -> None:
+def test_magcache_job(tiny: dict[str, Models], tmp_path: pathlib.Path, variant: str) -> None:
     models = tiny[variant]
-    settings = mp.JobSettings(prompt="The girl dances gracefully", total_second_length=2, resolution=RES,
+    settings = JobSettings(prompt="The girl dances gracefully", total_second_length=2, resolution=RES,
                               seed=7)
-    reports: list[mp.SectionReport] = []
-    updates: list[mp.ProgressUpdate] = []
+    reports: list[SectionReport] = []
+    updates: list[ProgressUpdate] = []
     calls = BlockCalls(models.transformer)
     try:
-        result = mp.run_job(models, test_image(), settings, outputs_dir=tmp_path, on_section=reports.append,
+        result = run_job(models, test_image(), settings, outputs_dir=tmp_path, on_section=reports.append,
                             on_progress=updates.append)
     finally:
         calls.close()
@@ -268,15 +271,15 @@ def test_magcache_job(tiny: dict[str, magcache_models.Models], tmp_path: pathlib
     assert len(lines) >= 4 and "Section 2/2" in lines[2] and lines[3].startswith(f"Total: computed {2 * (25 - len(plan))}/50")
 
 
-def test_stop_mid_section_keeps_first_video(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
+def test_stop_mid_section_keeps_first_video(tiny: dict[str, Models], tmp_path: pathlib.Path) -> None:
     models = tiny["framepack"]
     steps = 10
-    seen: list[mp.ProgressUpdate] = []
+    seen: list[ProgressUpdate] = []
     calls = BlockCalls(models.transformer)
     calls_at_first_section: list[int] = []
     try:
-        result = mp.run_job(
-            models, test_image(), mp.JobSettings(prompt="a cat", total_second_length=2, steps=steps, resolution=RES),
+        result = run_job(
+            models, test_image(), JobSettings(prompt="a cat", total_second_length=2, steps=steps, resolution=RES),
             outputs_dir=tmp_path, on_progress=seen.append,
             on_section=lambda r: calls_at_first_section.append(calls.count),
             should_stop=lambda: any(u.section == 1 and u.step >= 3 for u in seen))
@@ -293,32 +296,32 @@ def test_stop_mid_section_keeps_first_video(tiny: dict[str, magcache_models.Mode
     assert magcache_core.get_magcache_state(models.transformer) is None
 
 
-def test_bad_input_then_good_job(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
+def test_bad_input_then_good_job(tiny: dict[str, Models], tmp_path: pathlib.Path) -> None:
     models = tiny["f1"]
-    settings = mp.JobSettings(prompt="a dog runs", total_second_length=1, steps=6, resolution=RES, cache="off")
+    settings = JobSettings(prompt="a dog runs", total_second_length=1, steps=6, resolution=RES, cache="off")
     for image, needle in [(None, "No input image"), (test_image()[:, :, 0], "shape"),
                           (test_image().astype(np.float64) / 255, "dtype")]:
-        result = mp.run_job(models, image, settings, outputs_dir=tmp_path)
+        result = run_job(models, image, settings, outputs_dir=tmp_path)
         assert result.status == "error" and needle in result.message and result.video_path is None
-    bad_settings = mp.run_job(models, test_image(), mp.JobSettings(prompt="x", steps=0), outputs_dir=tmp_path)
+    bad_settings = run_job(models, test_image(), JobSettings(prompt="x", steps=0), outputs_dir=tmp_path)
     assert bad_settings.status == "error" and "steps" in bad_settings.message
     with models.busy:                                                     # another job holds the models
-        busy = mp.run_job(models, test_image(), settings, outputs_dir=tmp_path)
+        busy = run_job(models, test_image(), settings, outputs_dir=tmp_path)
     assert busy.status == "error" and "Another job" in busy.message
     assert not list(tmp_path.glob("*.mp4"))
 
     # RGBA is accepted (alpha dropped); without a cache every step runs
-    result = mp.run_job(models, test_image(channels=4), settings, outputs_dir=tmp_path)
+    result = run_job(models, test_image(channels=4), settings, outputs_dir=tmp_path)
     assert result.status == "done", result.message
     assert [(r.computed_steps, r.skipped_steps) for r in result.sections] == [(list(range(6)), [])]
-    assert decode_mp4(result.video_path)[0] == mp.expected_frame_count(1, WINDOW) == 4 * (WINDOW + 1) - 3
+    assert decode_mp4(result.video_path)[0] == expected_frame_count(1, WINDOW) == 4 * (WINDOW + 1) - 3
 
 
-def test_calibration_profile_roundtrip(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
+def test_calibration_profile_roundtrip(tiny: dict[str, Models], tmp_path: pathlib.Path) -> None:
     models = tiny["framepack"]
     steps = 12
     profiles = tmp_path / "profiles"
-    calib = mp.run_job(models, test_image(), mp.JobSettings(prompt="a bird flies", total_second_length=1,
+    calib = run_job(models, test_image(), JobSettings(prompt="a bird flies", total_second_length=1,
                                                             steps=steps, resolution=RES, calibrate=True),
                        outputs_dir=tmp_path, profiles_dir=profiles)
     assert calib.status == "done", calib.message
@@ -339,7 +342,7 @@ def test_calibration_profile_roundtrip(tiny: dict[str, magcache_models.Models], 
     expected = skipped_by_plan(profile.ratios, steps, thresh, k)
     library = skipped_by_plan(library_plan_ratios("framepack", height, width, steps), steps, thresh, k)
     assert expected and expected != library, "the test needs a plan that tells the profile apart"
-    reuse = mp.run_job(models, test_image(), mp.JobSettings(prompt="a bird flies", total_second_length=1,
+    reuse = run_job(models, test_image(), JobSettings(prompt="a bird flies", total_second_length=1,
                                                             steps=steps, resolution=RES, magcache_thresh=thresh,
                                                             magcache_K=k, mag_ratios=str(path)),
                        outputs_dir=tmp_path)
@@ -347,13 +350,13 @@ def test_calibration_profile_roundtrip(tiny: dict[str, magcache_models.Models], 
     assert reuse.sections[0].skipped_steps == expected
 
     # a FramePack profile is refused for F1, before any work
-    wrong = mp.run_job(tiny["f1"], test_image(), mp.JobSettings(prompt="x", mag_ratios=str(path), resolution=RES),
+    wrong = run_job(tiny["f1"], test_image(), JobSettings(prompt="x", mag_ratios=str(path), resolution=RES),
                        outputs_dir=tmp_path / "f1")
     assert wrong.status == "error" and "calibrated for 'framepack'" in wrong.message and not wrong.sections
 
     # a profile measured on the real model is refused by tiny models (and the other way round)
     real = dataclasses.replace(profile, model="lllyasviel/FramePackI2V_HY").save(tmp_path / "real.json")
-    refused = mp.run_job(models, test_image(), mp.JobSettings(prompt="x", mag_ratios=str(real), resolution=RES),
+    refused = run_job(models, test_image(), JobSettings(prompt="x", mag_ratios=str(real), resolution=RES),
                          outputs_dir=tmp_path / "real")
     assert refused.status == "error" and "calibrated on 'lllyasviel/FramePackI2V_HY'" in refused.message
 
@@ -371,9 +374,9 @@ def test_checkout_diffusers_helper_wins(tmp_path: pathlib.Path) -> None:
     for name in ("hunyuan", "utils", "clip_vision", "bucket_tools", "memory", "pipelines/k_diffusion_hunyuan",
                  "models/hunyuan_video_packed"):
         (pkg / f"{name}.py").write_text("MARK = 'checkout'\n")
-    code = ("import magcache_models; fp = magcache_models.framepack_modules(); "
+    code = ("from magcache_framepack.models import framepack_modules; fp = framepack_modules(); "
             "print(fp.source, fp.hunyuan.MARK, fp.models.MARK, fp.memory is None)")
-    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(mp.__file__).parent), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent), "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr
@@ -420,21 +423,22 @@ class FakeMemory:
 @pytest.fixture()
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeMemory]:
     memory = FakeMemory(free_gb=20.0)
-    fp = magcache_models.framepack_modules()
+    fp = framepack_modules()
     with_memory = types.SimpleNamespace(**{**vars(fp), "memory": memory})
-    monkeypatch.setattr(magcache_models, "framepack_modules", lambda: with_memory)
+    for module in (job_module, models_module):      # each looks FramePack's modules up by itself
+        monkeypatch.setattr(module, "framepack_modules", lambda: with_memory)
     yield memory
 
 
 @pytest.mark.parametrize("free_gb", [20.0, 80.0])
-def test_real_loading_follows_framepack(tiny: dict[str, magcache_models.Models], fake_cuda: FakeMemory,
+def test_real_loading_follows_framepack(tiny: dict[str, Models], fake_cuda: FakeMemory,
                                         monkeypatch: pytest.MonkeyPatch, free_gb: float) -> None:
     """Repos, dtypes and VRAM handling of FramePack's demo, with from_pretrained handing out fresh tiny models."""
     import diffusers
     import transformers
 
     fake_cuda.free_gb = free_gb
-    fresh = magcache_models.build_tiny_models("f1")
+    fresh = build_tiny_models("f1")
     loaded: dict[str, tuple] = {}
 
     def fake_from_pretrained(name: str, model: Any) -> Any:
@@ -444,7 +448,7 @@ def test_real_loading_follows_framepack(tiny: dict[str, magcache_models.Models],
             return model
         return load
 
-    fp = magcache_models.framepack_modules()
+    fp = framepack_modules()
     for owner, attr, model in [
             (transformers.LlamaModel, "text_encoder", fresh.text_encoder),
             (transformers.CLIPTextModel, "text_encoder_2", fresh.text_encoder_2),
@@ -459,7 +463,7 @@ def test_real_loading_follows_framepack(tiny: dict[str, magcache_models.Models],
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     fresh.transformer.high_quality_fp32_output_for_inference = False
-    models = magcache_models.load_models("f1")
+    models = load_models("f1")
     hy = "hunyuanvideo-community/HunyuanVideo"
     assert loaded["text_encoder"] == (hy, "text_encoder", torch.float16)
     assert loaded["text_encoder_2"] == (hy, "text_encoder_2", torch.float16)
@@ -479,12 +483,12 @@ def test_real_loading_follows_framepack(tiny: dict[str, magcache_models.Models],
     assert swapped == (["HunyuanVideoTransformer3DModelPacked", "LlamaModel"] if low else [])
 
 
-def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, magcache_models.Models], fake_cuda: FakeMemory,
+def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, Models], fake_cuda: FakeMemory,
                                                   tmp_path: pathlib.Path) -> None:
     models = dataclasses.replace(tiny["framepack"], high_vram=False)
-    settings = mp.JobSettings(prompt="a horse", n_prompt="blurry", cfg=2.0, total_second_length=2, steps=3,
+    settings = JobSettings(prompt="a horse", n_prompt="blurry", cfg=2.0, total_second_length=2, steps=3,
                               resolution=RES, gpu_memory_preservation=7.5)
-    result = mp.run_job(models, test_image(), settings, outputs_dir=tmp_path)
+    result = run_job(models, test_image(), settings, outputs_dir=tmp_path)
     assert result.status == "done", result.message
     assert [r.skipped_steps for r in result.sections] == [[], []]        # 3 steps: nothing to skip, CFG or not
     per_section = [("unload", 0), ("move", "HunyuanVideoTransformer3DModelPacked", 7.5),
@@ -500,12 +504,12 @@ def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, magcache_model
     ]
 
 
-def test_teacache_job_reports_the_steps_that_ran(tiny: dict[str, magcache_models.Models], tmp_path: pathlib.Path) -> None:
+def test_teacache_job_reports_the_steps_that_ran(tiny: dict[str, Models], tmp_path: pathlib.Path) -> None:
     models = tiny["f1"]
     steps = 10
     calls = BlockCalls(models.transformer)
     try:
-        result = mp.run_job(models, test_image(), mp.JobSettings(prompt="rain", total_second_length=1, steps=steps,
+        result = run_job(models, test_image(), JobSettings(prompt="rain", total_second_length=1, steps=steps,
                                                                  resolution=RES, cache="teacache"),
                             outputs_dir=tmp_path)
     finally:

@@ -31,8 +31,9 @@ import numpy as np
 import pytest
 import torch
 
-import magcache_pipeline as mp
-import magcache_models
+from magcache_framepack.settings import JobSettings, section_count
+from magcache_framepack.job import run_job
+from magcache_framepack.models import framepack_modules, get_variant, load_models
 
 RES = 64          # bucket for the 120x72 image: 80x48 pixels, 10x6 latents; a section costs milliseconds
 WINDOW = 4        # latents per section (FramePack uses 9)
@@ -113,7 +114,7 @@ def forward_clean_latents(start: torch.Tensor, generated: list[torch.Tensor]) ->
 
 def check_layout(variant: str, calls: list[dict[str, Any]], window: int, sections: int) -> None:
     """Assert that every recorded sample_hunyuan call got FramePack's demo layout."""
-    forward = magcache_models.get_variant(variant).forward_sections
+    forward = get_variant(variant).forward_sections
     assert len(calls) == sections
     start = calls[0]["kwargs"]["clean_latents"][:, :, :1]
     assert start.shape[:3] == (1, 16, 1) and start.abs().sum() > 0
@@ -155,7 +156,7 @@ def image(h: int = 72, w: int = 120) -> np.ndarray:
 
 def record_job(variant: str, outputs: pathlib.Path) -> list[dict[str, Any]]:
     """Run a tiny job and return every sample_hunyuan call: cloned kwargs and the latents it returned."""
-    sampler = magcache_models.framepack_modules().sampler
+    sampler = framepack_modules().sampler
     real = sampler.sample_hunyuan
     calls: list[dict[str, Any]] = []
 
@@ -166,12 +167,12 @@ def record_job(variant: str, outputs: pathlib.Path) -> list[dict[str, Any]]:
         calls.append(dict(kwargs=saved, result=result.detach().clone()))
         return result
 
-    models = magcache_models.load_models(variant, tiny=True)
-    settings = mp.JobSettings(prompt="a cat walks", total_second_length=SECONDS, latent_window_size=WINDOW,
+    models = load_models(variant, tiny=True)
+    settings = JobSettings(prompt="a cat walks", total_second_length=SECONDS, latent_window_size=WINDOW,
                               steps=STEPS, resolution=RES, seed=3)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sampler, "sample_hunyuan", recording)
-        result = mp.run_job(models, image(), settings, outputs_dir=outputs)
+        result = run_job(models, image(), settings, outputs_dir=outputs)
     assert result.status == "done", result.message
     assert len(result.sections) == SECTIONS
     return calls
@@ -184,7 +185,7 @@ def recorded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def test_job_has_enough_sections() -> None:
-    assert demo_section_count(SECONDS, WINDOW) == SECTIONS == mp.section_count(SECONDS, WINDOW)
+    assert demo_section_count(SECONDS, WINDOW) == SECTIONS == section_count(SECONDS, WINDOW)
     assert demo_paddings(SECTIONS) == [3, 2, 2, 2, 1, 0]
     assert demo_paddings(4) == [3, 2, 1, 0]
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import magcache_bench as bench
+from magcache_framepack import bench, cli, settings as settings_module
+from magcache_framepack.bench import library_plan_rows
 import magcache_core as core
-import magcache_generate as gen
-import magcache_pipeline as mp
-import magcache_models
+from magcache_framepack.settings import JobSettings
+from magcache_framepack.job import magcache_config, ratio_source, run_job
+from magcache_framepack.models import TINY_MODEL_ID, build_tiny_models
 from conftest import library_choice, library_plan_ratios
 
 RESOLUTIONS = (10, 128, 150, 192, 200, 320, 383.5, 448, 576, 600, 624, 688, 704, 705, 768, 1000, 4096)
@@ -70,11 +71,11 @@ def test_bad_lookups_say_what_is_accepted() -> None:
 
 def test_a_384_px_job_plans_from_the_384_table_and_a_profile_overrides(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mp, "TINY_RESOLUTION", 384)       # tiny models may render this large, for this test
-    models = magcache_models.build_tiny_models("framepack")
+    monkeypatch.setattr(settings_module, "TINY_RESOLUTION", 384)       # tiny models may render this large, for this test
+    models = build_tiny_models("framepack")
     image = np.full((400, 400, 3), 90, np.uint8)
-    settings = mp.JobSettings(prompt="a box", total_second_length=1, steps=6, resolution=384, seed=3)
-    result = mp.run_job(models, image, settings, outputs_dir=tmp_path)
+    settings = JobSettings(prompt="a box", total_second_length=1, steps=6, resolution=384, seed=3)
+    result = run_job(models, image, settings, outputs_dir=tmp_path)
     assert result.status == "done", result.message
     frame = result.record["frame"]
     table_res, table_steps, _ = library_choice("framepack", (frame["height"] + frame["width"]) / 2, 6)
@@ -88,11 +89,11 @@ def test_a_384_px_job_plans_from_the_384_table_and_a_profile_overrides(tmp_path:
 
     # a profile chosen by the user wins over the library
     profile = core.MagCacheProfile(variant="framepack", num_steps=6, ratios=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-                                   model=magcache_models.TINY_MODEL_ID).save(tmp_path / "flat.json")
-    config = mp.JobSettings(prompt="x", steps=6, mag_ratios=str(profile)).magcache_config(
-        "framepack", magcache_models.TINY_MODEL_ID, 384)
-    assert list(config.mag_ratios) == [1.0] * 6 and "flat.json" in mp.ratio_source(config)
-    assert "chosen by you" in mp.ratio_source(config)
+                                   model=TINY_MODEL_ID).save(tmp_path / "flat.json")
+    config = magcache_config(JobSettings(prompt="x", steps=6, mag_ratios=str(profile)),
+                             "framepack", TINY_MODEL_ID, 384)
+    assert list(config.mag_ratios) == [1.0] * 6 and "flat.json" in ratio_source(config)
+    assert "chosen by you" in ratio_source(config)
 
 
 @pytest.mark.slow
@@ -103,7 +104,7 @@ def test_cli_resample_nearest_and_calibration_grid(tmp_path: Path) -> None:
     Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(image)
     out = tmp_path / "near.mp4"
     common = ["--image", str(image), "--tiny", "--seconds", "1", "--no-progress", "--outputs-dir", str(tmp_path / "o")]
-    assert gen.main([*common, "--steps", "40", "--resample", "nearest", "--output", str(out)]) == 0
+    assert cli.main([*common, "--steps", "40", "--resample", "nearest", "--output", str(out)]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     frame = record["frame"]
     ratios = library_plan_ratios("framepack", frame["height"], frame["width"], 40, mode="nearest")
@@ -114,7 +115,7 @@ def test_cli_resample_nearest_and_calibration_grid(tmp_path: Path) -> None:
 
     # a grid: one calibration per (resolution, steps), each profile saying what it measured
     profiles = tmp_path / "profiles"
-    rc = gen.main([*common, "--calibrate", "--resolutions", "64,96", "--steps", "3,4",
+    rc = cli.main([*common, "--calibrate", "--resolutions", "64,96", "--steps", "3,4",
                    "--profiles-dir", str(profiles)])
     assert rc == 0
     got = sorted((p["resolution"] > 72, p["num_steps"]) for p in
@@ -122,7 +123,7 @@ def test_cli_resample_nearest_and_calibration_grid(tmp_path: Path) -> None:
     assert got == [(False, 3), (False, 4), (True, 3), (True, 4)]
 
     with pytest.raises(SystemExit):
-        gen.main([*common, "--resolutions", "64,96"])      # a grid only calibrates
+        cli.main([*common, "--resolutions", "64,96"])      # a grid only calibrates
 
 
 def test_bench_ratios_chart_and_plan_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -132,7 +133,7 @@ def test_bench_ratios_chart_and_plan_table(tmp_path: Path, capsys: pytest.Captur
     assert bench.main(["ratios", str(path), "--steps", "25,50", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    for row in bench.library_plan_rows():
+    for row in library_plan_rows():
         res, steps, table = library_choice(row["variant"], row["resolution"], row["steps"])
         ratios = core.resample_mag_ratios(table, row["steps"])
         for preset, params in core.PRESETS.items():

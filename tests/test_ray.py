@@ -6,7 +6,7 @@ with one torch thread each.
 
 Test hook (the only one): a worker whose job's prompt equals the environment
 variable ``MAGCACHE_RAY_TEST_CRASH_PROMPT`` exits its process at once, as a
-killed or crashed worker does (magcache_ray.CRASH_PROMPT_ENV).  It is set here
+killed or crashed worker does (CRASH_PROMPT_ENV).  It is set here
 before Ray starts, so the workers inherit it.
 """
 
@@ -26,8 +26,9 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
 
-import magcache_generate as gen  # noqa: E402
-import magcache_ray  # noqa: E402
+from magcache_framepack.cli import main
+from magcache_framepack.runners.ray import (ActorFactory, AppRunner, Batch, BatchJob, CRASH_PROMPT_ENV, Slot,
+                                            plan_jobs, worker_count)
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,8 @@ JOB_FLAGS = ["--tiny", "--seconds", "1", "--steps", "4", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def local_ray() -> Any:
-    old = os.environ.get(magcache_ray.CRASH_PROMPT_ENV)
-    os.environ[magcache_ray.CRASH_PROMPT_ENV] = CRASH_PROMPT      # inherited by the workers Ray starts
+    old = os.environ.get(CRASH_PROMPT_ENV)
+    os.environ[CRASH_PROMPT_ENV] = CRASH_PROMPT      # inherited by the workers Ray starts
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, logging_level="WARNING")
     try:
@@ -46,9 +47,9 @@ def local_ray() -> Any:
     finally:
         ray.shutdown()
         if old is None:
-            os.environ.pop(magcache_ray.CRASH_PROMPT_ENV, None)
+            os.environ.pop(CRASH_PROMPT_ENV, None)
         else:
-            os.environ[magcache_ray.CRASH_PROMPT_ENV] = old
+            os.environ[CRASH_PROMPT_ENV] = old
 
 
 def make_image(path: pathlib.Path, seed: int) -> pathlib.Path:
@@ -85,10 +86,10 @@ def four_jobs(tmp_path_factory: pytest.TempPathFactory, local_ray: Any) -> dict[
     images = [make_image(root / f"in{i}.png", i) for i in range(2)]
     jobs = write_jobs(root / "jobs.jsonl", [
         {"image": str(images[i % 2]), "prompt": f"clip {i}", "seed": 100 + i} for i in range(4)])
-    single = gen.main(["--jobs", str(jobs), *JOB_FLAGS, "--output", str(root / "single" / "v.mp4"),
+    single = main(["--jobs", str(jobs), *JOB_FLAGS, "--output", str(root / "single" / "v.mp4"),
                        "--outputs-dir", str(root / "single-outputs")])
     started = time.perf_counter()
-    on_ray = gen.main(["--jobs", str(jobs), *JOB_FLAGS, "--ray", "--workers", "2",
+    on_ray = main(["--jobs", str(jobs), *JOB_FLAGS, "--ray", "--workers", "2",
                        "--output", str(root / "ray" / "v.mp4"), "--outputs-dir", str(root / "ray-outputs")])
     return {"root": root, "jobs": jobs, "images": images, "rc": (single, on_ray),
             "ray_seconds": time.perf_counter() - started}
@@ -124,7 +125,7 @@ def test_resume_runs_only_the_missing_jobs(four_jobs: dict[str, Any], capsys: py
     (out / "v-line4.json").unlink()          # half a job's files is a job not done
     kept = {n: (out / f"v-line{n}.mp4").stat().st_mtime_ns for n in (1, 3)}
     capsys.readouterr()
-    rc = gen.main(["--jobs", str(four_jobs["jobs"]), *JOB_FLAGS, "--ray", "--resume",
+    rc = main(["--jobs", str(four_jobs["jobs"]), *JOB_FLAGS, "--ray", "--resume",
                    "--output", str(out / "v.mp4"), "--outputs-dir", str(root / "ray-outputs")])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -148,16 +149,16 @@ def test_killed_worker_retries_and_a_job_that_always_kills_its_worker_fails(
     ])
     cli = {"tiny": True, "steps": 4, "seconds": 1, "output": str(tmp_path / "out" / "v.mp4"),
            "outputs_dir": str(tmp_path / "outputs"), "profiles_dir": str(tmp_path / "profiles")}
-    planned, known = magcache_ray.plan_jobs(str(jobs), cli, tiny_workers=True, resume=False)
+    planned, known = plan_jobs(str(jobs), cli, tiny_workers=True, resume=False)
     assert known == [] and [j.line for j in planned] == [1, 2, 3, 4]
     killed: list[int] = []
 
-    def kill_line_1_once(job: magcache_ray.BatchJob, slot: magcache_ray.Slot) -> None:
+    def kill_line_1_once(job: BatchJob, slot: Slot) -> None:
         if job.line == 1 and not killed:
             killed.append(slot.pid)
             threading.Timer(1.0, os.kill, args=(slot.pid, signal.SIGKILL)).start()     # mid-job
 
-    batch = magcache_ray.Batch(planned, magcache_ray.ActorFactory("framepack", tiny=True, threads=1), workers=2,
+    batch = Batch(planned, ActorFactory("framepack", tiny=True, threads=1), workers=2,
                                max_retries=2, on_dispatch=kill_line_1_once)
     outcomes = {o.line: o for o in batch.run()}
     assert killed
@@ -178,18 +179,18 @@ def test_killed_worker_retries_and_a_job_that_always_kills_its_worker_fails(
 
 def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pathlib.Path,
                                                                    local_ray: Any) -> None:
-    import magcache_app
-    import magcache_pipeline as mp
+    from magcache_framepack.app import GENERATE_OUTPUTS, Job, build_ui, launch
+    from magcache_framepack.settings import JobSettings, section_count
     from gradio_client import Client, handle_file
 
-    runner = magcache_ray.AppRunner("framepack", tiny=True, workers=2)
+    runner = AppRunner("framepack", tiny=True, workers=2)
     demo = None
     try:
         # End, through the runner: two jobs at once, the first told to stop after its first step
-        jobs = [magcache_app.Job(), magcache_app.Job()]
+        jobs = [Job(), Job()]
         image = (np.random.default_rng(3).random((64, 80, 3)) * 255).astype(np.uint8)
-        settings = [mp.JobSettings(prompt="stop me", seed=1, total_second_length=3, steps=6),
-                    mp.JobSettings(prompt="finish me", seed=2, total_second_length=1, steps=4)]
+        settings = [JobSettings(prompt="stop me", seed=1, total_second_length=3, steps=6),
+                    JobSettings(prompt="finish me", seed=2, total_second_length=1, steps=4)]
         threads = [threading.Thread(target=runner, args=(job, image, s, str(tmp_path / "o"), str(tmp_path / "p")))
                    for job, s in zip(jobs, settings)]
         for t in threads:
@@ -222,9 +223,9 @@ def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pa
 
         # two gradio_client sessions at once each get their own video, on the two workers at the same time
         outputs = tmp_path / "outputs"
-        demo = magcache_app.build_ui(None, "framepack", outputs_dir=outputs, profiles_dir=tmp_path / "profiles",
+        demo = build_ui(None, "framepack", outputs_dir=outputs, profiles_dir=tmp_path / "profiles",
                                      tiny=True, runner=runner)
-        magcache_app.launch(demo, server_port=_free_port(), outputs_dir=outputs, prevent_thread_lock=True,
+        launch(demo, server_port=_free_port(), outputs_dir=outputs, prevent_thread_lock=True,
                             quiet=True)
         image_file = make_image(tmp_path / "in.png", 11)
         got: dict[str, Any] = {}
@@ -234,7 +235,7 @@ def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pa
             client = Client(demo.local_url, verbose=False)
             result = client.predict(input_image=handle_file(str(image_file)), prompt=prompt, seed=seed,
                                     total_second_length=1, steps=4, api_name="/generate")
-            got[prompt] = dict(zip(magcache_app.GENERATE_OUTPUTS, result, strict=True))
+            got[prompt] = dict(zip(GENERATE_OUTPUTS, result, strict=True))
 
         clients = [threading.Thread(target=session, args=(f"session {i}", i)) for i in range(2)]
         for t in clients:
@@ -264,12 +265,12 @@ def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pa
             time.sleep(0.1)
         short = short_client.predict(input_image=handle_file(str(image_file)), prompt="short", seed=4,
                                      total_second_length=1, steps=4, api_name="/generate")
-        assert dict(zip(magcache_app.GENERATE_OUTPUTS, short, strict=True))["report"]["status"] == "done"
+        assert dict(zip(GENERATE_OUTPUTS, short, strict=True))["report"]["status"] == "done"
         assert not long_job.done()                  # the short job finished while the long one still ran
         assert long_client.predict(api_name="/end") is True
-        stopped = dict(zip(magcache_app.GENERATE_OUTPUTS, long_job.result(timeout=120), strict=True))["report"]
+        stopped = dict(zip(GENERATE_OUTPUTS, long_job.result(timeout=120), strict=True))["report"]
         assert stopped["status"] == "stopped", stopped["message"]
-        assert len(stopped["sections"]) < mp.section_count(60, mp.JobSettings(prompt="").latent_window_size)
+        assert len(stopped["sections"]) < section_count(60, JobSettings(prompt="").latent_window_size)
     finally:
         if demo is not None:
             demo.close()
@@ -285,7 +286,7 @@ def _free_port() -> int:
 
 
 def test_real_models_need_gpus_in_the_cluster(local_ray: Any) -> None:
-    assert magcache_ray.worker_count(tiny=True, workers=None) == 2
-    assert magcache_ray.worker_count(tiny=True, workers=3) == 3
+    assert worker_count(tiny=True, workers=None) == 2
+    assert worker_count(tiny=True, workers=3) == 3
     with pytest.raises(RuntimeError, match="no GPU.*--tiny"):
-        magcache_ray.worker_count(tiny=False, workers=None)      # this local Ray has num_gpus=0
+        worker_count(tiny=False, workers=None)      # this local Ray has num_gpus=0

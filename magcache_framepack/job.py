@@ -1,12 +1,12 @@
-"""Headless FramePack image-to-video pipeline with MagCache.
+"""One generation job: FramePack's section loop with MagCache, headless.
 
-This module is what the Gradio app, the CLI and the benchmarks share: the job
-settings and their limits, one generation job run section by section on the
-models :mod:`magcache_models` loads, the MP4s, and the report of what MagCache
-did in every section.
+This module is what the Gradio app, the CLI and the benchmarks share: one
+generation job run section by section on the models :mod:`.models` loads, with
+the settings of :mod:`.settings`, written by :mod:`.video`, recorded by
+:mod:`.records`, and the report of what MagCache did in every section.
 
 FramePack and FramePack-F1 run through ONE section loop.  What differs between
-them is captured by :class:`magcache_models.Variant` (model repository,
+them is captured by :class:`.models.Variant` (model repository,
 published MagCache ratios) and by the history layout (:class:`_InvertedHistory`
 for FramePack, which generates the video back to front, and
 :class:`_ForwardHistory` for F1, which generates it front to back).
@@ -19,200 +19,54 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
-import hashlib
-import importlib
 import logging
-import math
-import numbers
 import os
 import pathlib
 import time
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 import magcache_core
-import magcache_metadata
-import magcache_models
+from magcache_framepack.records import FORMAT, VERSION, dumps, image_record, package_versions, write_sidecar
+from magcache_framepack.models import Models, Variant, framepack_modules, get_variant
+from magcache_framepack.settings import FPS, FRAMEPACK_RESOLUTION, JobSettings, bucket_resolution, section_count
+from magcache_framepack.video import frames_sha256, video_frames, write_mp4
+
 
 logger = logging.getLogger(__name__)
 
-#: FramePack's output frame rate: its section/frame arithmetic assumes it.
-FPS = 30
-#: Bucket resolution FramePack was trained at (its only bucket table).
-FRAMEPACK_RESOLUTION = 640
-#: Tiny models render at most this bucket resolution, so a job stays a CPU job of seconds.
-TINY_RESOLUTION = 128
+
 #: Text tokens FramePack keeps for the LLaMA prompt embedding (crop or zero-pad).
 PROMPT_TOKENS = 512
+
+
 #: GB FramePack keeps free on the GPU when it offloads the transformer before VAE decoding.
 OFFLOAD_PRESERVED_MEMORY_GB = 8.0
-CACHE_MODES = ("magcache", "teacache", "off")
 
 
-# ---------------------------------------------------------------------------
-# Job settings and the frame arithmetic
-# ---------------------------------------------------------------------------
+def magcache_config(settings: JobSettings, variant: str | Variant, model: str | None = None,
+                    frame_resolution: float | None = None) -> magcache_core.MagCacheConfig:
+    """The MagCache settings of a job for ``variant``: the one route from a ratio choice to a plan.
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class Limit:
-    """The accepted range of one numeric job setting.
-
-    Defined once here and read by the UI (slider bounds), the API (clamping)
-    and the CLI (refusal with this text), so the three can never disagree.
+    The ratios are the profile's when one is set, else the library's table
+    for ``frame_resolution`` ((height + width) / 2 of the frames; the bucket
+    target when not known yet).  A profile calibrated for the other variant,
+    or on another model than ``model`` (see :attr:`magcache_models.Models.model_id`), is
+    refused with a ValueError.
     """
-
-    low: float
-    high: float
-    integer: bool = False
-    step: float | None = None    # the UI slider's step
-    hint: str = ""               # what FramePack or the paper uses, for error messages
-
-    def accepts(self, value: Any) -> bool:
-        ok = _is_int(value) if self.integer else _is_real(value)
-        return ok and self.low <= value <= self.high
-
-    def clamp(self, value: float) -> int | float:
-        """The nearest accepted value (integers rounded first)."""
-        value = round(value) if self.integer else float(value)
-        return min(max(value, self.low), self.high)
-
-    def describe(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        low, high = (int(self.low), int(self.high)) if self.integer else (self.low, self.high)
-        return f"must be {kind} from {low:g} to {high:g}" + (f" ({self.hint})" if self.hint else "")
-
-
-#: Every numeric job setting's range: the one definition the apps, the API and the CLI use.
-LIMITS: Mapping[str, Limit] = types.MappingProxyType({
-    "seed": Limit(0, 2 ** 63 - 1, integer=True),
-    "total_second_length": Limit(1, 120, step=0.1, hint="seconds of video"),
-    "latent_window_size": Limit(1, 33, integer=True, step=1, hint="FramePack uses 9"),
-    "steps": Limit(1, 100, integer=True, step=1, hint="FramePack uses 25"),
-    "cfg": Limit(1.0, 32.0, step=0.01, hint="FramePack keeps 1"),
-    "gs": Limit(1.0, 32.0, step=0.01, hint="FramePack uses 10"),
-    "rs": Limit(0.0, 1.0, step=0.01, hint="FramePack uses 0"),
-    "gpu_memory_preservation": Limit(6, 128, step=0.1, hint="GB; FramePack uses 6"),
-    "magcache_thresh": Limit(0.0, 1.0, step=0.01, hint="0.10 to 0.15 is the published range"),
-    "magcache_K": Limit(1, 10, integer=True, step=1, hint="3 or 4 are the published values"),
-    "retention_ratio": Limit(0.0, 0.99, step=0.01, hint="0.2 is the published value"),
-    "mp4_crf": Limit(0, 51, integer=True, step=1, hint="0 is lossless; FramePack uses 16"),
-    "resolution": Limit(64, 2048, integer=True, step=16, hint=f"pixels; FramePack uses {FRAMEPACK_RESOLUTION}"),
-})
-
-
-@dataclasses.dataclass
-class JobSettings:
-    """One generation job, with FramePack's UI defaults.
-
-    ``cache``: "magcache" (this project), "teacache" (FramePack's built-in) or
-    "off".  ``mag_ratios`` is the path of a saved calibration profile, or None
-    for the ratio library's table for the job's variant, resolution and steps
-    (:func:`magcache_core.library_ratios`).  ``resample`` is how a table of
-    another step count is fitted ("magnitude" or the reference's "nearest").
-    ``calibrate`` runs MagCache in measuring mode (it never skips) and saves a
-    profile at the end.
-    ``resolution`` is the bucket target; tiny models cap it at TINY_RESOLUTION.
-    Numeric fields must lie within :data:`LIMITS`.
-    """
-
-    prompt: str
-    n_prompt: str = ""
-    seed: int = 31337
-    total_second_length: float = 5.0
-    latent_window_size: int = 9
-    steps: int = 25
-    cfg: float = 1.0
-    gs: float = 10.0
-    rs: float = 0.0
-    gpu_memory_preservation: float = 6.0
-    cache: str = "magcache"
-    magcache_thresh: float = 0.10
-    magcache_K: int = 3
-    retention_ratio: float = 0.2
-    mag_ratios: str | None = None
-    calibrate: bool = False
-    mp4_crf: int = 16
-    resolution: int = FRAMEPACK_RESOLUTION
-    resample: str = "magnitude"
-
-    def clamped(self) -> "JobSettings":
-        """A copy with every numeric field moved into :data:`LIMITS` (what a UI runs when a box is overtyped).
-
-        Values that are not numbers at all are left for :meth:`validate` to refuse.
-        """
-        changes = {name: limit.clamp(getattr(self, name)) for name, limit in LIMITS.items()
-                   if _is_real(getattr(self, name))}
-        return dataclasses.replace(self, **changes)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field, its value and what is accepted (see :data:`LIMITS`).
-
-        Whole floats in integer fields (25.0 from a UI slider) are converted to int.
-        """
-        def bad(name: str, accepted: str) -> ValueError:
-            return ValueError(f"{name} = {getattr(self, name)!r}: {accepted}")
-
-        # UI sliders and JSON hand out 25.0 for 25: take whole floats as the integers they are
-        for name, limit in LIMITS.items():
-            value = getattr(self, name)
-            if limit.integer and isinstance(value, float) and value.is_integer():
-                setattr(self, name, int(value))
-
-        for name in ("prompt", "n_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise bad(name, "must be a string")
-        for name, limit in LIMITS.items():
-            if not limit.accepts(getattr(self, name)):
-                raise bad(name, limit.describe())
-        if self.cache not in CACHE_MODES:
-            raise bad("cache", f"must be one of {', '.join(CACHE_MODES)}")
-        if self.resample not in magcache_core.RESAMPLE_MODES:
-            raise bad("resample", f"must be one of {', '.join(magcache_core.RESAMPLE_MODES)}")
-        if self.mag_ratios is not None:
-            if not isinstance(self.mag_ratios, (str, os.PathLike)) or not str(self.mag_ratios):
-                raise bad("mag_ratios", "must be the path of a saved MagCache profile (JSON), or None")
-            if not pathlib.Path(self.mag_ratios).is_file():
-                raise bad("mag_ratios", "no such profile file; give the path of a saved MagCache profile "
-                                        "(JSON), or None for the published ratios")
-        if not isinstance(self.calibrate, bool):
-            raise bad("calibrate", "must be True or False")
-        if self.calibrate and self.cache != "magcache":
-            raise bad("calibrate", f"calibration measures with MagCache: set cache='magcache' "
-                                   f"(it is {self.cache!r})")
-
-    def magcache_config(self, variant: str | magcache_models.Variant, model: str | None = None,
-                        frame_resolution: float | None = None) -> magcache_core.MagCacheConfig:
-        """The MagCache settings of this job for ``variant``.
-
-        The ratios are the profile's when one is set, else the library's table
-        for ``frame_resolution`` ((height + width) / 2 of the frames; the bucket
-        target when not known yet).  A profile calibrated for the other variant,
-        or on another model than ``model`` (see :attr:`magcache_models.Models.model_id`), is
-        refused with a ValueError.
-        """
-        spec = magcache_models.get_variant(variant)
-        if self.mag_ratios is not None:
-            ratios, source = self.mag_ratios, f"profile {pathlib.Path(self.mag_ratios).name}"
-        else:
-            ratios, source = magcache_core.library_ratios(
-                spec.name, frame_resolution or self.resolution, self.steps, self.resample)
-        return magcache_core.MagCacheConfig(
-            magcache_thresh=self.magcache_thresh, magcache_K=self.magcache_K,
-            retention_ratio=self.retention_ratio, num_steps=self.steps, mag_ratios=ratios,
-            calibrate=self.calibrate, resample=self.resample, variant=spec.name, model=model, source=source)
+    spec = get_variant(variant)
+    if settings.mag_ratios is not None:
+        ratios, source = settings.mag_ratios, f"profile {pathlib.Path(settings.mag_ratios).name}"
+    else:
+        ratios, source = magcache_core.library_ratios(
+            spec.name, frame_resolution or settings.resolution, settings.steps, settings.resample)
+    return magcache_core.MagCacheConfig(
+        magcache_thresh=settings.magcache_thresh, magcache_K=settings.magcache_K,
+        retention_ratio=settings.retention_ratio, num_steps=settings.steps, mag_ratios=ratios,
+        calibrate=settings.calibrate, resample=settings.resample, variant=spec.name, model=model, source=source)
 
 
 def ratio_source(config: magcache_core.MagCacheConfig) -> str:
@@ -239,25 +93,9 @@ def magcache_summary(config: magcache_core.MagCacheConfig) -> dict[str, Any]:
     }
 
 
-def section_count(total_second_length: float, latent_window_size: int) -> int:
-    """Sections FramePack generates: video seconds at 30 fps over 4 frames per latent, rounded, at least 1."""
-    return int(max(round(total_second_length * FPS / (latent_window_size * 4)), 1))
-
-
-def expected_frame_count(total_second_length: float, latent_window_size: int) -> int:
-    """Frames of the final video.
-
-    Every section adds ``latent_window_size`` latents and the input image adds
-    one; the causal VAE turns L latents into 4L - 3 frames, and the overlapping
-    pixel blend between sections neither adds nor drops frames.
-    """
-    latents = section_count(total_second_length, latent_window_size) * latent_window_size + 1
-    return 4 * latents - 3
-
-
 def bucket_options(resolution: int) -> list[tuple[int, int]]:
     """(height, width) buckets for ``resolution``: FramePack's 640 table, scaled and snapped to 16 px."""
-    base = magcache_models.framepack_modules().bucket_tools.bucket_options[FRAMEPACK_RESOLUTION]
+    base = framepack_modules().bucket_tools.bucket_options[FRAMEPACK_RESOLUTION]
     if resolution == FRAMEPACK_RESOLUTION:
         return list(base)
     scale = resolution / FRAMEPACK_RESOLUTION
@@ -271,7 +109,7 @@ def bucket_options(resolution: int) -> list[tuple[int, int]]:
 def find_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
     """The bucket closest in aspect ratio to an image, as FramePack picks it (FramePack's own at 640)."""
     if resolution == FRAMEPACK_RESOLUTION:
-        bucket_tools = magcache_models.framepack_modules().bucket_tools
+        bucket_tools = framepack_modules().bucket_tools
         return tuple(bucket_tools.find_nearest_bucket(height, width, resolution=resolution))
     best, best_metric = None, float("inf")
     for bucket_h, bucket_w in bucket_options(resolution):
@@ -282,14 +120,9 @@ def find_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
     return best
 
 
-def job_resolution(models: magcache_models.Models, settings: JobSettings) -> int:
+def job_resolution(models: Models, settings: JobSettings) -> int:
     """The bucket resolution a job really uses: tiny models are capped at TINY_RESOLUTION."""
     return bucket_resolution(settings.resolution, models.tiny)
-
-
-def bucket_resolution(resolution: int, tiny: bool) -> int:
-    """The bucket resolution of a job asking for ``resolution`` on tiny (capped) or real models."""
-    return min(resolution, TINY_RESOLUTION) if tiny else resolution
 
 
 def prepare_input_image(image: Any) -> np.ndarray:
@@ -352,10 +185,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{name} is not a readable image: use a {IMAGE_FORMATS} file") from None
     return prepare_input_image(array)
 
-
-# ---------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class SectionReport:
@@ -444,140 +273,6 @@ class ProgressUpdate:
 class JobStopped(Exception):
     """Raised inside the sampler's step callback when should_stop() says so, to abort mid-section."""
 
-
-# ---------------------------------------------------------------------------
-# MP4
-# ---------------------------------------------------------------------------
-
-#: x264 frame threads, fixed: the stream records its thread count and the count changes
-#: x264's decisions, so a count taken from the machine (x264's default) would make each
-#: machine write its own bytes.  4 encoded 90 frames of 640x544 1.3x faster than 1 thread
-#: on a 2-core machine (README, "Same job, same video").
-X264_THREADS = 4
-
-
-def _grid_columns(batch: int) -> int:
-    """Videos per row when a batch is tiled into one frame: the largest of 6..2 dividing it."""
-    return next((c for c in (6, 5, 4, 3, 2) if batch % c == 0), batch)
-
-
-def video_frames(frames_bcthw: torch.Tensor) -> np.ndarray:
-    """The uint8 RGB frames, (time, height, width, 3), that :func:`write_mp4` hands the encoder.
-
-    ``frames_bcthw`` is (batch, channel, time, height, width) in [-1, 1], as
-    FramePack's VAE decodes it.  A batch is tiled into a grid.  yuv420p needs
-    even sides, so an odd height or width gets its last row/column repeated.
-    These are the frames the record's ``frames_sha256`` names.
-    """
-    if frames_bcthw.ndim != 5 or frames_bcthw.shape[1] != 3:
-        raise ValueError(f"frames must be (batch, 3, time, height, width), got {tuple(frames_bcthw.shape)}")
-    b, _, t, h, w = frames_bcthw.shape
-    cols = _grid_columns(b)
-    x = (frames_bcthw.detach().float().clamp(-1.0, 1.0) * 127.5 + 127.5).round().to(torch.uint8).cpu()
-    x = x.reshape(b // cols, cols, 3, t, h, w).permute(3, 0, 4, 1, 5, 2).reshape(t, (b // cols) * h, cols * w, 3)
-    pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
-    if pad_h or pad_w:
-        x = torch.nn.functional.pad(x.permute(0, 3, 1, 2).float(), (0, pad_w, 0, pad_h), mode="replicate")
-        x = x.to(torch.uint8).permute(0, 2, 3, 1)
-    return x.contiguous().numpy()
-
-
-@functools.cache
-def cpu_features() -> dict[str, bool]:
-    """This CPU's instruction-set extensions as numpy's runtime dispatch detected them.
-
-    numpy checks both the CPU and the operating system's support (AVX-512
-    needs the OS to save its registers), on every OS numpy runs on.  Where
-    numpy's table cannot be read, Linux's ``/proc/cpuinfo`` flags stand in;
-    elsewhere the answer is empty, which :func:`x264_asm_cap` reads as "no
-    AVX-512" and so leaves x264's own choice.
-    """
-    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
-        try:
-            features = importlib.import_module(module).__cpu_features__
-        except (ImportError, AttributeError):
-            continue
-        return {str(k): bool(v) for k, v in features.items()}
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {flag.upper(): True for flag in flags}
-
-
-def x264_asm_cap(features: Mapping[str, bool]) -> str | None:
-    """The x264 ``asm`` setting for a CPU with these features: "AVX2" where it has AVX-512, else None.
-
-    x264's AVX-512 code reads memory it never wrote, so on a CPU with AVX-512
-    the same frames encode to other bytes depending on what the process's
-    heap held before (measured in the README).  Capping x264 at AVX2 removes
-    that, and gives the same stream as the SSE4.2, AVX and AVX2 levels.  The cap
-    is only ever set where AVX-512 is present, and every such CPU has AVX2,
-    so x264 is never told to use an instruction set the CPU lacks; elsewhere
-    x264 detects the CPU itself (None).
-    """
-    return "AVX2" if features.get("AVX512F") else None
-
-
-def x264_options(crf: int, features: Mapping[str, bool]) -> dict[str, str]:
-    """The libx264 options :func:`write_mp4` encodes with: the CRF, and the AVX-512 cap where it applies."""
-    options = {"crf": str(int(crf))}
-    cap = x264_asm_cap(features)
-    if cap is not None:
-        options["x264-params"] = f"asm={cap}"
-    return options
-
-
-def _check_video(video: np.ndarray) -> None:
-    if not isinstance(video, np.ndarray) or video.dtype != np.uint8 or video.ndim != 4 or video.shape[3] != 3:
-        raise ValueError(f"frames must be a uint8 array (time, height, width, 3), got "
-                         f"{getattr(video, 'dtype', type(video).__name__)} {tuple(getattr(video, 'shape', ()))}")
-
-
-def frames_sha256(video: np.ndarray) -> str:
-    """SHA-256 of uint8 frames' bytes in (time, height, width, RGB) order: "same frames" apart from "same MP4"."""
-    _check_video(video)
-    return hashlib.sha256(np.ascontiguousarray(video).tobytes()).hexdigest()
-
-
-def write_mp4(video: np.ndarray, path: str | os.PathLike, fps: int = FPS, crf: int = 16,
-              comment: str | None = None) -> str:
-    """Write uint8 RGB frames (time, height, width, 3; see :func:`video_frames`) as an H.264 MP4 with PyAV.
-
-    The same frames and settings give the same video stream bytes in every
-    process and at any torch thread count, on every x86-64 CPU with SSE4.2 or
-    newer, for one PyAV build: x264 runs with a fixed thread count and, where
-    the CPU has AVX-512, capped at AVX2 (:func:`x264_asm_cap` says why).  The file is
-    written under a temporary name and renamed, so a reader never sees a
-    half-written video.  ``comment`` goes into the container's ``comment``
-    tag (the job's JSON record).
-    """
-    import av
-
-    _check_video(video)
-    if not _is_int(crf) or not 0 <= crf <= 51:
-        raise ValueError(f"crf = {crf!r}: must be an integer from 0 to 51")
-    if video.shape[1] % 2 or video.shape[2] % 2:
-        raise ValueError(f"yuv420p needs even sides, got {video.shape[2]}x{video.shape[1]} (see video_frames)")
-
-    with magcache_metadata.atomic_target(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        if comment is not None:
-            container.metadata["comment"] = comment
-        stream = container.add_stream("libx264", rate=int(fps), options=x264_options(crf, cpu_features()))
-        stream.width, stream.height = video.shape[2], video.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_type = "FRAME"
-        stream.codec_context.thread_count = X264_THREADS
-        for frame in video:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-    return str(path)
-
-
-# ---------------------------------------------------------------------------
-# Section histories: the only place FramePack and F1 differ in the loop
-# ---------------------------------------------------------------------------
 
 class _History:
     """Latent and pixel history of a job, and the conditioning each section gets from it.
@@ -670,7 +365,7 @@ class _InvertedHistory(_History):
         else:
             # the new window plus the one after it, so the blend has real neighbours on both sides
             fresh = self.window * 2 + (1 if self._last_plan == 0 else 0)
-            self.pixels = magcache_models.framepack_modules().utils.soft_append_bcthw(
+            self.pixels = framepack_modules().utils.soft_append_bcthw(
                 decode(real[:, :, :fresh]), self.pixels, self._overlap())
         return self.pixels
 
@@ -716,20 +411,16 @@ class _ForwardHistory(_History):
             self.pixels = decode(real)
         else:
             fresh = self.window * 2
-            self.pixels = magcache_models.framepack_modules().utils.soft_append_bcthw(
+            self.pixels = framepack_modules().utils.soft_append_bcthw(
                 self.pixels, decode(real[:, :, -fresh:]), self._overlap())
         return self.pixels
 
 
-def _make_history(variant: magcache_models.Variant, start_latent: torch.Tensor, window: int,
+def _make_history(variant: Variant, start_latent: torch.Tensor, window: int,
                   sections: int) -> _History:
     cls = _ForwardHistory if variant.forward_sections else _InvertedHistory
     return cls(start_latent, window, sections)
 
-
-# ---------------------------------------------------------------------------
-# Model placement (FramePack's low-VRAM regime)
-# ---------------------------------------------------------------------------
 
 class _Placement:
     """Moves models between CPU and GPU around each stage, as FramePack does in low-VRAM mode.
@@ -738,9 +429,9 @@ class _Placement:
     where it is and every method is a no-op.
     """
 
-    def __init__(self, models: magcache_models.Models) -> None:
+    def __init__(self, models: Models) -> None:
         self.models = models
-        self.memory = None if models.high_vram else magcache_models.framepack_modules().memory
+        self.memory = None if models.high_vram else framepack_modules().memory
 
     def _all(self) -> tuple:
         m = self.models
@@ -814,10 +505,6 @@ class _StepObserver:
         self.ran = False
 
 
-# ---------------------------------------------------------------------------
-# The job
-# ---------------------------------------------------------------------------
-
 class _Refused(Exception):
     """The job was refused before any work: bad settings, image or profile (the message says which)."""
 
@@ -825,7 +512,7 @@ class _Refused(Exception):
 class _Job:
     """One run_job call: its settings, callbacks and what has been produced so far."""
 
-    def __init__(self, models: magcache_models.Models, settings: JobSettings, outputs_dir: str | os.PathLike,
+    def __init__(self, models: Models, settings: JobSettings, outputs_dir: str | os.PathLike,
                  profiles_dir: str | os.PathLike, on_progress: Callable[[ProgressUpdate], None] | None,
                  on_section: Callable[[SectionReport], None] | None,
                  should_stop: Callable[[], bool] | None, image_path: str | os.PathLike | None = None,
@@ -887,7 +574,7 @@ class _Job:
                 config = None
                 if self.settings.cache == "magcache":
                     # reads a profile, if any, and refuses one of another variant or model
-                    config = self.settings.magcache_config(self.models.variant, self.models.model_id,
+                    config = magcache_config(self.settings, self.models.variant, self.models.model_id,
                                                            magcache_core.frame_resolution(height, width))
                 self.config = config
             except ValueError as exc:
@@ -951,7 +638,7 @@ class _Job:
         return result
 
     def generate(self, image: np.ndarray) -> None:
-        fp = magcache_models.framepack_modules()
+        fp = framepack_modules()
         m, s = self.models, self.settings
         dtype = m.dtype
         self.total_sections = section_count(s.total_second_length, s.latent_window_size)
@@ -980,11 +667,11 @@ class _Job:
         if self.image_info is not None:      # the job read a copy (a Ray worker's): name the original
             self.image = dict(self.image_info)
         elif self.image_path is not None:
-            self.image = magcache_metadata.image_record(self.image_path)
+            self.image = image_record(self.image_path)
         else:   # keep the exact input, so the record can make the video again
             own = self.outputs_dir / f"{self.job_id}_input.png"
             Image.fromarray(image).save(own)
-            self.image = magcache_metadata.image_record(own)
+            self.image = image_record(own)
         image_pt = (torch.from_numpy(image_np).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
 
         self.progress("VAE encoding ...")
@@ -1013,7 +700,7 @@ class _Job:
 
     def run_section(self, index: int, plan: int, width: int, height: int, generator: torch.Generator,
                     text: dict[str, torch.Tensor]) -> None:
-        fp = magcache_models.framepack_modules()
+        fp = framepack_modules()
         m, s = self.models, self.settings
         history = self.history
         assert history is not None
@@ -1068,8 +755,8 @@ class _Job:
                                frames=int(pixels.shape[2]), sampling_seconds=sampling_seconds)
         video = video_frames(pixels)
         record = self.video_record(self.sections + [report], frames_sha256(video))
-        write_mp4(video, path, fps=FPS, crf=s.mp4_crf, comment=magcache_metadata.dumps(record))
-        magcache_metadata.write_sidecar(path, record)
+        write_mp4(video, path, fps=FPS, crf=s.mp4_crf, comment=dumps(record))
+        write_sidecar(path, record)
         self.video_path, self.record = path, record
         self.sections.append(report)
         logger.info("%s -> %s", report.summary(), path)
@@ -1090,7 +777,7 @@ class _Job:
             settings.pop(key)
         width, height = self.frame_size or (None, None)
         return {
-            "format": magcache_metadata.FORMAT, "version": magcache_metadata.VERSION,
+            "format": FORMAT, "version": VERSION,
             "job_id": self.job_id, "created": self.created,
             "prompt": s.prompt, "n_prompt": s.n_prompt, "seed": s.seed,
             "image": self.image,
@@ -1105,7 +792,7 @@ class _Job:
                          for r in sections],
             "timings": {"seconds": round(time.perf_counter() - self.started, 3),
                         "sampling_seconds": round(sum(r.sampling_seconds for r in sections), 3)},
-            "packages": magcache_metadata.package_versions(),
+            "packages": package_versions(),
         }
 
     def save_profile(self, state: magcache_core.MagCacheState) -> tuple[magcache_core.MagCacheProfile, str]:
@@ -1127,7 +814,7 @@ class _Job:
                     computed, skipped, result.seconds, result.message)
 
 
-def run_job(models: magcache_models.Models, input_image: np.ndarray, settings: JobSettings,
+def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
             outputs_dir: str | os.PathLike = "outputs",
             on_progress: Callable[[ProgressUpdate], None] | None = None,
             on_section: Callable[[SectionReport], None] | None = None,
@@ -1154,7 +841,7 @@ def run_job(models: magcache_models.Models, input_image: np.ndarray, settings: J
     the MP4's ``comment`` tag; see :mod:`magcache_metadata`).  ``image_path``
     names the file ``input_image`` was read from, for that record; without
     it the input is saved as ``<job id>_input.png`` and that file is named.
-    ``image_info`` (``magcache_metadata.image_record`` of the original) is
+    ``image_info`` (``image_record`` of the original) is
     what the record names instead, when the file read is a copy elsewhere
     (a Ray worker's), so the record is the one a local run would write.
     """

@@ -2,7 +2,7 @@
 
 Two users of one worker pool:
 
-* ``magcache_generate.py --jobs FILE --ray [ADDRESS]`` (:func:`main_jobs`): one
+* ``magcache_generate.py --jobs FILE --ray [ADDRESS]`` (:func:`magcache_framepack.cli.run_on_ray`): one
   worker actor per GPU (``--tiny``: ``--workers N`` CPU actors, default 2) loads
   the models once and runs jobs one after another; the driver hands each job to
   whichever worker is free, and writes each MP4 and its JSON record on its own
@@ -48,18 +48,30 @@ try:
 except ImportError:       # optional dependency: require_ray() says how to install it
     ray = None
 
-import magcache_metadata
+from magcache_framepack.records import image_record, sidecar_path, write_atomic
+
+
+
 
 logger = logging.getLogger(__name__)
 
+
 INSTALL = "pip install -r requirements-ray.txt"
+
+
 #: Errors that mean "the worker (or its node) is gone", not "the job failed": the job runs again elsewhere.
 WORKER_LOST = () if ray is None else (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError,
                                       OwnerDiedError)
+
+
 #: The start of run_job's message for CUDA out of memory: the worker is replaced and the job runs again.
 OOM_MESSAGE = "CUDA out of memory"
+
+
 #: Test hook, documented in tests/test_ray.py: a worker whose job has this prompt kills its own process.
 CRASH_PROMPT_ENV = "MAGCACHE_RAY_TEST_CRASH_PROMPT"
+
+
 #: How often the app's job thread asks its worker for progress, in seconds.
 POLL_SECONDS = 0.2
 
@@ -68,10 +80,6 @@ def require_ray() -> None:
     if ray is None:
         raise ImportError(f"Ray is not installed. Install it with: {INSTALL}")
 
-
-# ---------------------------------------------------------------------------
-# The worker actor
-# ---------------------------------------------------------------------------
 
 class JobWorker:
     """One Ray actor: loads the models once, runs jobs one after another in a private temp folder.
@@ -98,13 +106,13 @@ class JobWorker:
         self.load_seconds = time.perf_counter() - started
 
     def _models(self, variant: str, tiny: bool) -> Any:
-        import magcache_models
+        from magcache_framepack.models import load_models
 
         key = (variant, tiny)
         if key not in self.models:
             if not tiny:     # one set of real models per GPU: drop the other variant's first
                 self.models = {k: v for k, v in self.models.items() if k[1]}
-            self.models[key] = magcache_models.load_models(variant, tiny=tiny)
+            self.models[key] = load_models(variant, tiny=tiny)
         return self.models[key]
 
     def ready(self) -> dict[str, Any]:
@@ -140,8 +148,8 @@ class JobWorker:
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         """Run one job (see :func:`make_task`); returns the JobResult and the files it made, as bytes."""
-        import magcache_generate
-        import magcache_pipeline
+        from magcache_framepack.jobfiles import job_settings
+        from magcache_framepack.job import read_image, run_job
 
         values = dict(task["values"])
         if os.environ.get(CRASH_PROMPT_ENV) and values["prompt"] == os.environ[CRASH_PROMPT_ENV]:
@@ -154,8 +162,8 @@ class JobWorker:
             image_path.write_bytes(task["image"])
             if task.get("profile") is not None:
                 values["mag_ratios"] = str(_local_copy(values["mag_ratios"], task["profile"], work))
-            settings = magcache_generate.job_settings(values)
-            image = magcache_pipeline.read_image(image_path)
+            settings = job_settings(values)
+            image = read_image(image_path)
             load_started = time.perf_counter()
             models = self._models(values["variant"], values["tiny"])
             load_seconds = time.perf_counter() - load_started
@@ -166,7 +174,7 @@ class JobWorker:
                     self._post(("section", report, _video_files(report.video_path)))
 
             started = time.perf_counter()
-            result = magcache_pipeline.run_job(
+            result = run_job(
                 models, image, settings, outputs_dir=outputs, profiles_dir=work / "profiles",
                 on_progress=lambda update: self._post(("progress", update)), on_section=on_section,
                 should_stop=lambda: self._stop, image_path=image_path, image_info=task["image_info"])
@@ -185,7 +193,7 @@ class JobWorker:
 
 def _video_files(video: str) -> dict[str, bytes]:
     """An MP4 and its JSON record, by file name (the JSON first: the order the driver writes them)."""
-    sidecar = magcache_metadata.sidecar_path(video)
+    sidecar = sidecar_path(video)
     return {sidecar.name: sidecar.read_bytes(), pathlib.Path(video).name: pathlib.Path(video).read_bytes()}
 
 
@@ -207,15 +215,11 @@ def make_task(values: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     """What travels to a worker for one job: its values, the image's bytes and record entry, a profile's bytes."""
     image = pathlib.Path(values["image"])
     task = {"token": uuid.uuid4().hex, "values": dict(values), "stream": stream, "image_name": image.name,
-            "image": image.read_bytes(), "image_info": magcache_metadata.image_record(image), "profile": None}
+            "image": image.read_bytes(), "image_info": image_record(image), "profile": None}
     if values.get("mag_ratios"):      # the path stays as given: the record names it as a local run's does
         task["profile"] = pathlib.Path(values["mag_ratios"]).read_bytes()
     return task
 
-
-# ---------------------------------------------------------------------------
-# Connecting, and the pool's actors
-# ---------------------------------------------------------------------------
 
 def connect(address: str, verbose: bool = False) -> bool:
     """Ray up: an existing session is used as is; "local" starts one on this machine; else join ``address``.
@@ -277,10 +281,6 @@ def describe_loss(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-# ---------------------------------------------------------------------------
-# Batch: a jobs file over the pool
-# ---------------------------------------------------------------------------
-
 @dataclasses.dataclass
 class BatchJob:
     line: int
@@ -315,9 +315,9 @@ def output_path(values: dict[str, Any], video_name: str) -> pathlib.Path:
 
 def write_result_files(files: dict[str, bytes], video_name: str, target: pathlib.Path) -> None:
     """The worker's MP4 and JSON under ``target`` (and its .json), each whole: JSON first, the MP4 last."""
-    sidecar = magcache_metadata.sidecar_path(video_name).name
-    magcache_metadata.write_atomic(magcache_metadata.sidecar_path(target), files[sidecar])
-    magcache_metadata.write_atomic(target, files[video_name])
+    sidecar = sidecar_path(video_name).name
+    write_atomic(sidecar_path(target), files[sidecar])
+    write_atomic(target, files[video_name])
 
 
 class Batch:
@@ -426,7 +426,7 @@ class Batch:
             outcome.video = str(target)
             if out["profile"] is not None:
                 name, data = out["profile"]
-                magcache_metadata.write_atomic(pathlib.Path(job.values["profiles_dir"]) / name, data)
+                write_atomic(pathlib.Path(job.values["profiles_dir"]) / name, data)
         elif result.status == "stopped":
             outcome.message += " Nothing was written (a stopped job runs again with --resume)."
         outcome.wall_seconds = time.perf_counter() - job.submitted
@@ -447,84 +447,27 @@ class Batch:
 
 def plan_jobs(path: str, cli: dict[str, Any], tiny_workers: bool, resume: bool) -> tuple[list[BatchJob], list[Any]]:
     """The jobs file as jobs to run, and the outcomes already known (refused lines, --resume skips)."""
-    import magcache_generate as gen
+    from magcache_framepack.jobfiles import JobError, JobOutcome, already_done, iter_job_lines, job_values
 
     jobs: list[BatchJob] = []
     known: list[Any] = []
-    for number, text in gen.iter_job_lines(path):
+    for number, text in iter_job_lines(path):
         try:
             # the driver needs no GPU: the workers do, and the pool checks for them
-            values = gen.job_values(number, text, cli, cuda_available=True)
+            values = job_values(number, text, cli, cuda_available=True)
             if tiny_workers and not values["tiny"]:
-                raise gen.JobError("this job needs the real models, and the workers are --tiny CPU workers; "
+                raise JobError("this job needs the real models, and the workers are --tiny CPU workers; "
                                    "run without --tiny on GPUs, or set \"tiny\": true")
-        except gen.JobError as exc:
+        except JobError as exc:
             logger.error("job at line %d refused: %s", number, exc)
-            known.append(gen.JobOutcome(number, "invalid", str(exc)))
+            known.append(JobOutcome(number, "invalid", str(exc)))
             continue
-        if resume and gen.already_done(values):
-            known.append(gen.JobOutcome(number, "skipped", "already done (--resume)", values["output"]))
+        if resume and already_done(values):
+            known.append(JobOutcome(number, "skipped", "already done (--resume)", values["output"]))
             continue
         jobs.append(BatchJob(number, values))
     return jobs, known
 
-
-def main_jobs(args: argparse.Namespace, cli: dict[str, Any]) -> int:
-    """``magcache_generate.py --jobs FILE --ray [ADDRESS]``; returns the exit code."""
-    import magcache_generate as gen
-    from tqdm import tqdm
-
-    base = gen.merge_values(cli)
-    tiny = bool(base["tiny"])
-    jobs, known = plan_jobs(args.jobs, cli, tiny, args.resume)
-    outcomes: list[Any] = list(known)
-    if jobs:
-        stop = gen._StopOnInterrupt()
-        started = connect(args.ray, verbose=args.verbose)
-        try:
-            try:
-                workers = worker_count(tiny, args.workers)
-            except RuntimeError as exc:
-                print(f"magcache_generate.py: --ray: {exc}", file=sys.stderr)
-                return 2
-            print(f"{len(jobs)} job(s) on {min(workers, len(jobs))} Ray worker(s)"
-                  + (" (tiny, CPU)" if tiny else " (one GPU each)"), flush=True)
-            bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=args.no_progress, file=sys.stderr)
-
-            def on_outcome(o: BatchOutcome) -> None:
-                where = f" on worker {o.worker} in {o.wall_seconds:.1f} s" if o.worker is not None else ""
-                tqdm.write(f"line {o.line}: {o.status}{where}"
-                           + (f" (attempt {o.attempts})" if o.attempts > 1 else "")
-                           + (f" -> {o.video}" if o.video else f": {o.message}"), file=sys.stdout)
-                bar.update(1)
-
-            factory = ActorFactory(base["variant"], tiny, threads=1)
-            batch = Batch(jobs, factory, workers, args.max_retries, should_stop=stop, on_outcome=on_outcome)
-            with stop.installed():
-                try:
-                    batch.run()
-                except KeyboardInterrupt:    # the second Ctrl-C: drop what runs; only whole files were written
-                    finished = {o.line for o in batch.outcomes}
-                    batch.outcomes += [BatchOutcome(j.line, "stopped", "aborted (Ctrl-C twice): nothing written")
-                                       for j in jobs if j.line not in finished]
-            done = batch.outcomes
-            bar.close()
-        finally:
-            if started:
-                ray.shutdown()
-        outcomes += [gen.JobOutcome(o.line, o.status, o.message, o.video) for o in done]
-        ran = [o for o in done if o.status == "done"]
-        if ran:
-            overhead = sum(o.overhead_seconds for o in ran) / len(ran)
-            print(f"dispatch overhead: {overhead:.3f} s per job on average (wall time per job minus its run_job "
-                  "time)")
-    outcomes.sort(key=lambda o: o.line)
-    return gen.report_outcomes(outcomes, args.jobs, sys.stdout)
-
-
-# ---------------------------------------------------------------------------
-# The app: a job thread that runs its job on a pool worker
-# ---------------------------------------------------------------------------
 
 class AppRunner:
     """``runner(job, image, settings, outputs_dir, profiles_dir)`` for magcache_app.build_ui, on Ray workers.
@@ -568,7 +511,7 @@ class AppRunner:
         return None
 
     def __call__(self, job: Any, image: Any, settings: Any, outputs_dir: str, profiles_dir: str) -> None:
-        import magcache_pipeline
+        from magcache_framepack.job import JobResult
 
         started = time.perf_counter()
         result = None
@@ -576,13 +519,13 @@ class AppRunner:
         try:
             slot = self._take(job)
             if slot is None:
-                result = magcache_pipeline.JobResult(status="stopped", message="Stopped before it started "
+                result = JobResult(status="stopped", message="Stopped before it started "
                                                      "(End was pressed).", seconds=time.perf_counter() - started)
                 return
             result, slot = self._run(slot, job, image, settings, pathlib.Path(outputs_dir), pathlib.Path(profiles_dir))
         except Exception as exc:  # noqa: BLE001 - the page waits for a final event, whatever happened
             logger.exception("Ray job failed unexpectedly")
-            result = magcache_pipeline.JobResult(status="error", message=f"Unexpected error: {type(exc).__name__}: "
+            result = JobResult(status="error", message=f"Unexpected error: {type(exc).__name__}: "
                                                  f"{exc}", seconds=time.perf_counter() - started)
         finally:
             if slot is not None:
@@ -591,15 +534,15 @@ class AppRunner:
 
     def _run(self, slot: Slot, job: Any, image: Any, settings: Any, outputs: pathlib.Path,
              profiles: pathlib.Path) -> tuple[Any, Slot]:
-        import magcache_pipeline
+        from magcache_framepack.job import JobResult, prepare_input_image
         from PIL import Image
 
         # the input as a file on the app's disk: the record names it, as an in-process job's record does
         outputs.mkdir(parents=True, exist_ok=True)
         try:
-            image = magcache_pipeline.prepare_input_image(image)
+            image = prepare_input_image(image)
         except ValueError as exc:
-            return magcache_pipeline.JobResult(status="error", message=str(exc)), slot
+            return JobResult(status="error", message=str(exc)), slot
         image_file = outputs / f"{time.strftime('%y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}_input.png"
         Image.fromarray(image).save(image_file)
         values = dataclasses.asdict(settings)
@@ -632,10 +575,10 @@ class AppRunner:
             logger.error("the Ray worker %d running a job was lost: %s; replacing it", slot.index, reason)
             slot = self.factory.replace(slot)
             slot.pid = ray.get(slot.ready_ref)["pid"]
-            return magcache_pipeline.JobResult(status="error", message=f"The worker running this job was lost "
+            return JobResult(status="error", message=f"The worker running this job was lost "
                                                f"({reason}); it has been replaced: press Start again."), slot
         except RayTaskError as exc:    # the job raised on the worker (its values); the worker is fine
-            return magcache_pipeline.JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
+            return JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
         self.history.append((slot.index, started, time.perf_counter()))
         result = out["result"]
         for section in result.sections:
@@ -646,7 +589,7 @@ class AppRunner:
             result.video_path = str(outputs / pathlib.Path(result.video_path).name)
         if out["profile"] is not None:
             name, data = out["profile"]
-            result.profile_path = str(magcache_metadata.write_atomic(profiles / name, data))
+            result.profile_path = str(write_atomic(profiles / name, data))
         return result, slot
 
 
@@ -664,10 +607,6 @@ def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None
     logger.info("Starting %d Ray worker(s) for the app%s ...", count, " (tiny, CPU)" if tiny else "")
     return AppRunner(variant, tiny, count)
 
-
-# ---------------------------------------------------------------------------
-# Measuring: python magcache_ray.py bench
-# ---------------------------------------------------------------------------
 
 def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int,
           cpus: int | None) -> list[dict[str, Any]]:

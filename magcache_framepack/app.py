@@ -38,7 +38,7 @@ gpu_memory_preservation, cache ("magcache" | "teacache" | "off"),
 magcache_thresh, magcache_K, retention_ratio, mag_ratios ("library", the
 default, or the file name of a profile in the profiles folder; "published" is
 read as "library"), calibrate, mp4_crf, resample ("magnitude" | "nearest").
-Numbers are moved into ``magcache_pipeline.LIMITS`` before the job runs (Gradio 6
+Numbers are moved into ``LIMITS`` before the job runs (Gradio 6
 refuses an API value beyond a slider's range itself), and the report's
 ``settings`` and ``plan`` say what ran.
 Outputs, in :data:`GENERATE_OUTPUTS` order: the final MP4 (a path with
@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # imported for annotations only; see the module docstring
 
 logger = logging.getLogger(__name__)
 
-APP_DIR = pathlib.Path(__file__).resolve().parent
+APP_DIR = pathlib.Path(__file__).resolve().parent.parent    # the checkout the package sits in, beside the demos
 
 LIBRARY = "library"              # profile-dropdown value of the ratio library (a table per job)
 PUBLISHED = "published"          # the value older clients send for the same thing
@@ -611,9 +611,9 @@ class UnreadableImage:
 
     @property
     def message(self) -> str:
-        import magcache_pipeline
+        from magcache_framepack.job import IMAGE_FORMATS
 
-        return f"{self.name} is not a readable image: use a {magcache_pipeline.IMAGE_FORMATS} file."
+        return f"{self.name} is not a readable image: use a {IMAGE_FORMATS} file."
 
 
 def image_frame_resolution(path: Any, bucket_resolution: int) -> float | None:
@@ -624,7 +624,7 @@ def image_frame_resolution(path: Any, bucket_resolution: int) -> float | None:
     """
     from PIL import Image, UnidentifiedImageError
 
-    import magcache_pipeline
+    from magcache_framepack.job import find_bucket
 
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         return None
@@ -633,7 +633,7 @@ def image_frame_resolution(path: Any, bucket_resolution: int) -> float | None:
             width, height = im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
-    return magcache_core.frame_resolution(*magcache_pipeline.find_bucket(height, width, bucket_resolution))
+    return magcache_core.frame_resolution(*find_bucket(height, width, bucket_resolution))
 
 
 def checked_image(component: Any) -> Any:
@@ -746,7 +746,7 @@ class SessionJobs:
 def _run_job_thread(job: Job, gpu_lock: threading.Lock, models: Any, image: np.ndarray, settings: Any,
                     outputs_dir: str, profiles_dir: str) -> None:
     """Worker thread body: wait for the GPU, run the job, always post a final ("done", JobResult)."""
-    import magcache_pipeline
+    from magcache_framepack.job import JobResult, run_job
 
     started = time.perf_counter()
     result = None
@@ -755,13 +755,13 @@ def _run_job_thread(job: Job, gpu_lock: threading.Lock, models: Any, image: np.n
             job.events.put(("waiting", None))
             while not gpu_lock.acquire(timeout=0.25):
                 if job.stop.is_set():
-                    result = magcache_pipeline.JobResult(
+                    result = JobResult(
                         status="stopped", message="Stopped before it started (End was pressed).",
                         video_path=None, sections=[], seconds=time.perf_counter() - started,
                         profile_path=None, calibration=None)
                     return
         try:
-            result = magcache_pipeline.run_job(
+            result = run_job(
                 models, image, settings, outputs_dir=outputs_dir,
                 on_progress=lambda update: job.events.put(("progress", update)),
                 on_section=lambda section: job.events.put(("section", section)),
@@ -770,7 +770,7 @@ def _run_job_thread(job: Job, gpu_lock: threading.Lock, models: Any, image: np.n
             gpu_lock.release()
     except Exception as exc:  # noqa: BLE001 - a worker must report every failure, or the page waits forever
         logger.exception("job failed unexpectedly")
-        result = magcache_pipeline.JobResult(
+        result = JobResult(
             status="error", message=f"Unexpected error: {type(exc).__name__}: {exc}", video_path=None,
             sections=[], seconds=time.perf_counter() - started, profile_path=None, calibration=None)
     finally:
@@ -800,19 +800,20 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     """
     import gradio as gr
 
-    import magcache_pipeline
-    import magcache_models
+    from magcache_framepack.settings import JobSettings, LIMITS, bucket_resolution, section_count
+    from magcache_framepack.job import find_bucket, read_image
+    from magcache_framepack.models import VARIANTS, model_id
 
-    spec = magcache_models.VARIANTS[variant]
+    spec = VARIANTS[variant]
     tiny = bool(getattr(models, "tiny", False)) if tiny is None else tiny
     outputs_dir = str(pathlib.Path(outputs_dir).resolve())
     profiles_dir = str(pathlib.Path(profiles_dir).resolve())
-    defaults = magcache_pipeline.JobSettings(prompt="")
+    defaults = JobSettings(prompt="")
     # a job's frames are a bucket of this resolution; the page plans with (height + width) / 2 of the
     # uploaded image's bucket, as the job does, and with this resolution before an image is given
-    bucket_res = magcache_pipeline.bucket_resolution(defaults.resolution, tiny)
+    bucket_res = bucket_resolution(defaults.resolution, tiny)
     catalog = ProfileCatalog(variant, profiles_dir, extra=mag_ratios,
-                             model=magcache_models.model_id(variant, tiny), resolution=bucket_res)
+                             model=model_id(variant, tiny), resolution=bucket_res)
     initial_profile = LIBRARY
     if mag_ratios:
         initial_profile = catalog.choice_for(mag_ratios)
@@ -824,7 +825,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
             _run_job_thread(job, gpu_lock, models, image, settings, outputs, profiles)
     concurrency = int(getattr(runner, "concurrency", 1))
     d_thresh, d_k, d_retention = preset_values(magcache_core.DEFAULT_PRESET)
-    limits = magcache_pipeline.LIMITS
+    limits = LIMITS
 
     def bounds(name: str) -> dict[str, Any]:
         """A slider's minimum, maximum and step: the pipeline's limits, the same the API and CLI use."""
@@ -1038,7 +1039,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 profile_path = catalog.path_for(mag_ratios)
                 # what a UI or API client typed is moved into the limits: the job, the page and the
                 # report then all show the values that really ran
-                settings = magcache_pipeline.JobSettings(
+                settings = JobSettings(
                     prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), seed=int(float(seed)),
                     total_second_length=float(total_second_length),
                     latent_window_size=float(latent_window_size), steps=float(steps), cfg=float(cfg),
@@ -1051,7 +1052,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                     raise ValueError(input_image.message)
                 if input_image is None:
                     raise ValueError("No input image: upload a picture, then press Start.")
-                image = magcache_pipeline.read_image(input_image)    # says so if the file is not an image
+                image = read_image(input_image)    # says so if the file is not an image
                 settings.validate()
                 if profile_path is not None:
                     catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
@@ -1082,9 +1083,9 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 return job_report(result, sections, status=status, message=message, settings=settings,
                                   variant=variant, profile_choice=profile_choice, plan=plan_info)
 
-            height, width = magcache_pipeline.find_bucket(image.shape[0], image.shape[1], bucket_res)
+            height, width = find_bucket(image.shape[0], image.shape[1], bucket_res)
             plan_info = job_plan(settings, profile_choice, magcache_core.frame_resolution(height, width))
-            clock = StepClock(plan_info["skipped"], magcache_pipeline.section_count(
+            clock = StepClock(plan_info["skipped"], section_count(
                 settings.total_second_length, settings.latent_window_size), time.perf_counter())
 
             sections: list[Any] = []
@@ -1183,7 +1184,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                     continue                     # not a number: the job refuses it with a message
                 if math.isfinite(number):
                     typed[name] = number
-            clamped = magcache_pipeline.JobSettings(prompt="", **typed).clamped()
+            clamped = JobSettings(prompt="", **typed).clamped()
             out = [getattr(clamped, name) if name in typed else gr.update() for name in clamped_names]
             if len(typed) < len(clamped_names):
                 return (*out, gr.update(), gr.update())
@@ -1320,13 +1321,13 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
     os.environ.setdefault("HF_HOME", str(APP_DIR / "hf_download"))
 
-    import magcache_models
+    from magcache_framepack.models import load_models, model_id
     import torch
 
     if args.mag_ratios:
         try:
             catalog = ProfileCatalog(variant, args.profiles, extra=args.mag_ratios,
-                                     model=magcache_models.model_id(variant, args.tiny))
+                                     model=model_id(variant, args.tiny))
             catalog.load(catalog.choice_for(args.mag_ratios))
         except ValueError as exc:
             parser.error(f"--mag-ratios {args.mag_ratios}: {exc}")
@@ -1341,7 +1342,7 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     else:
         logger.info("Loading %s models%s ...", variant, " (tiny, random weights)" if args.tiny else "")
         try:
-            models = magcache_models.load_models(variant, tiny=args.tiny)
+            models = load_models(variant, tiny=args.tiny)
         except (RuntimeError, OSError) as exc:
             sys.exit(f"{parser.prog}: could not load the {variant} models: {exc}")
     demo = build_ui(models, variant, outputs_dir=args.outputs, profiles_dir=args.profiles,
@@ -1353,13 +1354,13 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
 def _ray_runner(parser: argparse.ArgumentParser, args: argparse.Namespace, variant: str) -> Any:
     """--ray: the pool of Ray workers the app's jobs run on (the models load there, not here)."""
     try:
-        import magcache_ray
-        magcache_ray.require_ray()
+        from magcache_framepack.runners.ray import require_ray, start_app_runner
+        require_ray()
     except ImportError as exc:
         sys.exit(f"{parser.prog}: --ray: {exc}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     try:
-        return magcache_ray.start_app_runner(args.ray, variant, args.tiny, args.workers)
+        return start_app_runner(args.ray, variant, args.tiny, args.workers)
     except (RuntimeError, ConnectionError) as exc:
         sys.exit(f"{parser.prog}: --ray: {exc}")

@@ -1,0 +1,104 @@
+"""The package's layers: imports only go down, none go in a circle, and the lowest layer needs no torch.
+
+Read from the source with ast (every import statement, also those inside
+functions), so a lazy import that climbs a layer is caught as well.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "magcache_framepack"
+
+#: The layers the package docstring states, lowest first.
+LAYERS = {
+    "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "jobfiles": 4,
+    "runners.local": 5, "runners.ray": 5, "app": 6, "cli": 6, "bench": 6,
+}
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    """The package modules a file imports (as "job", "runners.ray", ...)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("magcache_framepack"):
+            base = node.module.removeprefix("magcache_framepack").lstrip(".")
+            for alias in node.names:
+                found.add(base if base else alias.name)
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("magcache_framepack.") for a in node.names
+                      if a.name.startswith("magcache_framepack.")}
+    return {m for m in found if m}
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+
+
+def test_every_module_has_a_layer_and_imports_only_down() -> None:
+    edges = graph()
+    assert set(edges) == set(LAYERS), "a module without a layer: add it to the package docstring and LAYERS"
+    upward = [(m, d) for m, deps in edges.items() for d in deps if LAYERS[d] > LAYERS[m]]
+    assert upward == []
+
+
+def test_no_import_circle() -> None:
+    edges = graph()
+    seen: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        if seen.get(m) == 1:
+            raise AssertionError(f"import circle: {' -> '.join(path + [m])}")
+        if seen.get(m) == 2:
+            return
+        seen[m] = 1
+        for d in sorted(edges[m]):
+            visit(d, path + [m])
+        seen[m] = 2
+
+    for m in sorted(edges):
+        visit(m, [])
+
+
+def test_the_engine_imports_nothing_of_the_package() -> None:
+    tree = ast.parse((ROOT / "magcache_core.py").read_text(encoding="utf-8"))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [n for n in names if n.startswith("magcache")]
+
+
+def test_settings_and_job_files_need_no_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None; "       # importing torch now fails
+            "import magcache_framepack, magcache_framepack.settings as s, magcache_framepack.jobfiles as j; "
+            "s.JobSettings(prompt='x').validate(); print(sorted(s.LIMITS)[0], j.DEFAULTS['steps'])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["cfg", "25"]
+
+
+def test_the_settings_vocabulary_matches_the_engine() -> None:
+    import magcache_core
+    from magcache_framepack import settings
+
+    assert settings.PRESET_NAMES == tuple(magcache_core.PRESETS)
+    assert settings.RESAMPLE_MODES == tuple(magcache_core.RESAMPLE_MODES)
+    assert settings.VARIANT_NAMES == tuple(magcache_core.VARIANT_MAG_RATIOS)
+
+
+def test_the_top_level_scripts_are_thin() -> None:
+    for name in ("magcache_demo_gradio.py", "magcache_demo_gradio_f1.py", "magcache_generate.py",
+                 "magcache_bench.py"):
+        code = [line for line in (ROOT / name).read_text().splitlines() if line.strip()]
+        assert len(code) <= 15, f"{name} holds {len(code)} lines: its code belongs in the package"
