@@ -17,6 +17,7 @@ transformers are imported when first needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -556,47 +557,69 @@ class _Job:
 
     # -- the job ---------------------------------------------------------------
 
-    def run(self, input_image: Any) -> JobResult:
-        started = self.started = time.perf_counter()
+    def prepare(self, input_image: Any) -> tuple[np.ndarray, magcache_core.MagCacheConfig | None]:
+        """The checked image and the MagCache config of this job, or _Refused saying what is wrong."""
+        try:
+            self.settings.validate()
+            image = prepare_input_image(input_image)
+            height, width = find_bucket(image.shape[0], image.shape[1], job_resolution(self.models, self.settings))
+            self.frame_size = (width, height)
+            config = None
+            if self.settings.cache == "magcache":
+                # reads a profile, if any, and refuses one of another variant or model
+                config = magcache_config(self.settings, self.models.variant, self.models.model_id,
+                                         magcache_core.frame_resolution(height, width))
+        except ValueError as exc:
+            raise _Refused(str(exc)) from exc
+        self.config = config
+        return image, config
+
+    def take_models(self, taken: contextlib.ExitStack) -> None:
+        """The models' lock, held until ``taken`` closes; _Refused when another job or caller holds them."""
+        if not self.models.busy.acquire(blocking=False):
+            raise _Refused("Another job is running on these models; wait for it to finish or stop it.")
+        taken.callback(self.models.busy.release)
+        if magcache_core.get_magcache_state(self.models.transformer) is not None:
+            raise _Refused("MagCache is already enabled on this transformer by someone else; "
+                           "disable it before running a job")
+
+    def enable_cache(self, taken: contextlib.ExitStack,
+                     config: magcache_core.MagCacheConfig | None) -> magcache_core.MagCacheState | None:
+        """MagCache on the transformer until ``taken`` closes (with FramePack's own cache off beneath it)."""
+        if config is None:
+            return None
         transformer = self.models.transformer
-        magcache_enabled = False
-        touched_models = False
-        locked = False
-        state: magcache_core.MagCacheState | None = None
+        transformer.initialize_teacache(enable_teacache=False)
+        state = magcache_core.enable_magcache(transformer, config)
+        taken.callback(magcache_core.disable_magcache, transformer)
+        return state
+
+    def leave_models_as_found(self) -> None:
+        """FramePack's cache off again and every model back where the job found it."""
+        if self.settings.cache == "teacache":
+            self.models.transformer.initialize_teacache(enable_teacache=False)
+        self.placement.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def run(self, input_image: Any) -> JobResult:
+        self.started = time.perf_counter()
         profile: magcache_core.MagCacheProfile | None = None
         profile_path: str | None = None
         try:
-            try:
-                self.settings.validate()
-                image = prepare_input_image(input_image)
-                height, width = find_bucket(image.shape[0], image.shape[1], job_resolution(self.models, self.settings))
-                self.frame_size = (width, height)
-                config = None
-                if self.settings.cache == "magcache":
-                    # reads a profile, if any, and refuses one of another variant or model
-                    config = magcache_config(self.settings, self.models.variant, self.models.model_id,
-                                                           magcache_core.frame_resolution(height, width))
-                self.config = config
-            except ValueError as exc:
-                raise _Refused(str(exc)) from exc
-            if not self.models.busy.acquire(blocking=False):
-                raise _Refused("Another job is running on these models; wait for it to finish or stop it.")
-            locked = True
-            if magcache_core.get_magcache_state(transformer) is not None:
-                raise _Refused("MagCache is already enabled on this transformer by someone else; "
-                               "disable it before running a job")
-            self.progress("Starting ...")
-            touched_models = True
-            self.placement.reset()
-            if config is not None:
-                # FramePack's own cache must not run underneath MagCache
-                transformer.initialize_teacache(enable_teacache=False)
-                state = magcache_core.enable_magcache(transformer, config)
-                magcache_enabled = True
-            with torch.no_grad():
-                self.generate(image)
-            if state is not None and state.config.calibrate:
-                profile, profile_path = self.save_profile(state)
+            image, config = self.prepare(input_image)
+            # What is taken is given back in reverse order, whatever happens: MagCache off, the
+            # models as found, then the models' lock.  A refused job never touches the models.
+            with contextlib.ExitStack() as taken:
+                self.take_models(taken)
+                self.progress("Starting ...")
+                taken.callback(self.leave_models_as_found)
+                self.placement.reset()
+                state = self.enable_cache(taken, config)
+                with torch.no_grad():
+                    self.generate(image)
+                if state is not None and state.config.calibrate:
+                    profile, profile_path = self.save_profile(state)
             last = self.sections[-1]
             status = "done"
             message = (f"Generated {last.frames} frames ({last.frames / FPS:.2f} s at {FPS} fps) in "
@@ -618,21 +641,8 @@ class _Job:
             status = "error"
             message = f"Unexpected error during {self.stage}: {type(exc).__name__}: {exc}"
             logger.exception("Job failed")
-        finally:
-            try:
-                if magcache_enabled:
-                    magcache_core.disable_magcache(transformer)
-                if touched_models:   # a refused job leaves the models alone (another job may be using them)
-                    if self.settings.cache == "teacache":
-                        transformer.initialize_teacache(enable_teacache=False)   # leave the model as found
-                    self.placement.reset()
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            finally:
-                if locked:
-                    self.models.busy.release()
         result = JobResult(status=status, message=message, video_path=self.video_path, sections=self.sections,
-                           seconds=time.perf_counter() - started, profile_path=profile_path,
+                           seconds=time.perf_counter() - self.started, profile_path=profile_path,
                            calibration=profile, job_id=self.job_id, record=self.record)
         self._log_total(result)
         return result

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-import magcache_core
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +90,12 @@ class Variant:
     name: str
     title: str
     transformer_repo: str
-    mag_ratios: tuple[float, ...]
     forward_sections: bool
 
 
 VARIANTS: Mapping[str, Variant] = types.MappingProxyType({
-    "framepack": Variant("framepack", "FramePack", "lllyasviel/FramePackI2V_HY",
-                         magcache_core.FRAMEPACK_MAG_RATIOS, forward_sections=False),
-    "f1": Variant("f1", "FramePack-F1", "lllyasviel/FramePack_F1_I2V_HY_20250503",
-                  magcache_core.FRAMEPACK_F1_MAG_RATIOS, forward_sections=True),
+    "framepack": Variant("framepack", "FramePack", "lllyasviel/FramePackI2V_HY", forward_sections=False),
+    "f1": Variant("f1", "FramePack-F1", "lllyasviel/FramePack_F1_I2V_HY_20250503", forward_sections=True),
 })
 
 

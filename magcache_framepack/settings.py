@@ -184,17 +184,6 @@ def section_count(total_second_length: float, latent_window_size: int) -> int:
     return int(max(round(total_second_length * FPS / (latent_window_size * 4)), 1))
 
 
-def expected_frame_count(total_second_length: float, latent_window_size: int) -> int:
-    """Frames of the final video.
-
-    Every section adds ``latent_window_size`` latents and the input image adds
-    one; the causal VAE turns L latents into 4L - 3 frames, and the overlapping
-    pixel blend between sections neither adds nor drops frames.
-    """
-    latents = section_count(total_second_length, latent_window_size) * latent_window_size + 1
-    return 4 * latents - 3
-
-
 def bucket_resolution(resolution: int, tiny: bool) -> int:
     """The bucket resolution of a job asking for ``resolution`` on tiny (capped) or real models."""
     return min(resolution, TINY_RESOLUTION) if tiny else resolution

@@ -71,3 +71,45 @@ def test_calibration_runs_average_into_a_profile_by_hand() -> None:
     assert profile.ratios == [1.0, 0.925, 1.15]
     assert profile.ratio_std == [0.0, 0.1, 0.2] and profile.cosine_distance == [0.0, 0.03, 0.03]
     assert (profile.runs, profile.num_steps, profile.resolution, profile.model) == (2, 3, 128, "m")
+
+
+RUN_ON_A_TINY_FRAMEPACK = textwrap.dedent("""
+    import json, sys
+    import torch
+    from tiny_framepack import build_transformer, make_section, run_section   # the tests' conftest, copied
+    import magcache_core as mc
+
+    torch.set_num_threads(1)
+    model = build_transformer()
+    section = make_section(model)
+    reference = run_section(model, section, steps=8)
+    ratios, _ = mc.library_ratios("framepack", 64, 8)
+    out = {}
+    for name, config in (("skipping", mc.MagCacheConfig.from_preset("E015K4R02", num_steps=8, mag_ratios=ratios)),
+                         ("computing", mc.MagCacheConfig(num_steps=8, mag_ratios=ratios, calibrate=True))):
+        with mc.magcache(model, config), mc.magcache_run(model) as report:
+            latents = run_section(model, section, steps=8)
+        out[name] = {"skipped": report.skipped, "plan": [i for i, s in enumerate(config.schedule()) if s],
+                     "bitwise": bool(torch.equal(latents, reference)),
+                     "close": bool(torch.allclose(latents, reference, atol=0.5))}
+    out["restored"] = bool(torch.equal(run_section(model, section, steps=8), reference))
+    out["ours"] = sorted(m for m in sys.modules if m.startswith("magcache") and m != "magcache_core")
+    print(json.dumps(out))
+""")
+
+
+def test_the_engine_alone_runs_magcache_on_a_tiny_framepack_transformer(tmp_path: pathlib.Path) -> None:
+    """Copied alone with its JSON, the engine patches FramePack's real packed transformer: the planned
+    steps are skipped, a run that skips nothing is bitwise FramePack's, and disabling restores it."""
+    shutil.copy(ROOT / "magcache_core.py", tmp_path)
+    shutil.copy(ROOT / "magcache_ratio_library.json", tmp_path)
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "tiny_framepack.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", RUN_ON_A_TINY_FRAMEPACK], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["skipping"]["skipped"] == out["skipping"]["plan"] and out["skipping"]["skipped"]
+    assert not out["skipping"]["bitwise"] and out["skipping"]["close"]
+    assert out["computing"]["skipped"] == [] and out["computing"]["bitwise"]
+    assert out["restored"] and out["ours"] == []

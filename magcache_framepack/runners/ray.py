@@ -255,7 +255,6 @@ class Slot:
     actor: Any
     ready_ref: Any
     pid: int | None = None
-    generation: int = 0
 
 
 class ActorFactory:
@@ -266,13 +265,13 @@ class ActorFactory:
         resources = {"num_cpus": 1, "num_gpus": 0} if tiny else {"num_cpus": 1, "num_gpus": 1}
         self.remote = ray.remote(JobWorker).options(max_concurrency=4, **resources)
 
-    def start(self, index: int, generation: int = 0) -> Slot:
+    def start(self, index: int) -> Slot:
         actor = self.remote.remote(index, self.variant, self.tiny, self.threads if self.tiny else None)
-        return Slot(index=index, actor=actor, ready_ref=actor.ready.remote(), generation=generation)
+        return Slot(index=index, actor=actor, ready_ref=actor.ready.remote())
 
     def replace(self, slot: Slot) -> Slot:
         ray.kill(slot.actor, no_restart=True)
-        return self.start(slot.index, slot.generation + 1)
+        return self.start(slot.index)
 
 
 def describe_loss(exc: BaseException) -> str:
@@ -336,7 +335,6 @@ class Batch:
         self.on_outcome = on_outcome
         self.outcomes: list[BatchOutcome] = []
         self.start_failures = 0
-        self.slots: list[Slot] = []
 
     def finish(self, outcome: BatchOutcome) -> None:
         self.outcomes.append(outcome)
@@ -489,7 +487,6 @@ class AppRunner:
         for slot in slots:
             slot.pid = ray.get(slot.ready_ref)["pid"]
             self.idle.put(slot)
-        self.slots = slots
 
     def close(self) -> None:
         while True:
