@@ -117,7 +117,7 @@ def test_pip_install_gives_console_scripts_and_the_engine_with_its_json(tmp_path
     env = clean_env(venv)
     script = shutil.which("magcache-generate", path=env["PATH"])
     assert script is not None and pathlib.Path(script).parent == venv / "bin"
-    usage = run(["magcache-generate", "--help"], cwd=outside, env=env, timeout=120).stdout
+    usage = run([script, "--help"], cwd=outside, env=env, timeout=120).stdout
     # (the parser names itself magcache_generate.py, the launcher's name)
     assert usage.startswith("usage: ") and "--outputs-dir" in usage, usage[:500]
 
@@ -127,7 +127,7 @@ def test_pip_install_gives_console_scripts_and_the_engine_with_its_json(tmp_path
     for key in ("core", "package", "runners"):
         path = pathlib.Path(report[key]).resolve()
         assert path.is_relative_to(venv.resolve()) and not path.is_relative_to(ROOT), f"{key} imported from {path}"
-    assert (core.with_name("magcache_ratio_library.json")).is_file()
+    assert core.with_name("magcache_ratio_library.json").is_file()
     # Two published tables; more only when the JSON beside the engine was read.
     assert report["tables"] > 2, report
     assert "ratio library" not in probe.stderr and "WARNING" not in probe.stderr, probe.stderr[-3000:]
