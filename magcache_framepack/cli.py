@@ -70,8 +70,16 @@ def print_result(result: Any, video: str | None, out: TextIO) -> None:
         print(f"Saved as: {video}", file=out)
 
 
+def program_name() -> str:
+    """How the user started the CLI, for usage and error lines: the launcher, the console script or -m."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if name in ("magcache_generate.py", "magcache-generate"):
+        return name
+    return "python -m magcache_framepack.cli" if name in ("cli.py", "__main__.py") else "magcache_generate.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="magcache_generate.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=program_name(), description=__doc__.split("\n\n")[0],
                                 epilog="Keys of a --jobs line: " + ", ".join(DEFAULTS),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # Every default is None: a value counts only where it was given, so a preset and
@@ -179,63 +187,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import torch
-
-    cuda = torch.cuda.is_available()
-    cli = command_line_layer(args)
-    layers = [cli]
-    try:
-        grid = calibration_grid(args)
-        if args.replay is not None:
-            if args.jobs is not None:
-                raise JobError("--replay and --jobs do not go together: replay one record at a time")
-            layers = [replay_layer(args.replay, image_given="image" in cli), cli]
-        base = merge_values(*layers)
-    except JobError as exc:
-        parser.error(str(exc))
-    models_cache: dict[tuple[str, bool], Any] = {}
-    stop = StopOnInterrupt()
-
     if args.ray is not None and args.jobs is None:
         parser.error("--ray runs a --jobs file: give --jobs FILE")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.max_retries < 0:
         parser.error(f"--max-retries must be 0 or more, got {args.max_retries}")
-    if args.jobs is None:
-        runs = []
-        for resolution, steps in grid:
-            values = dict(base)
-            if steps is not None:
-                values.update(resolution=resolution or base["resolution"], steps=steps)
-                values["output"] = grid_output(values["output"], values["resolution"], steps)
-            try:
-                check_values(values, cuda)
-                job_settings(values)
-            except JobError as exc:
-                parser.error(str(exc))
-            runs.append(values)
-        failed = 0
-        with stop.installed():
-            for values in runs:
-                if stop.requested:
-                    break
-                if len(runs) > 1:
-                    print(f"== calibration at {values['resolution']} px, {values['steps']} steps ==", flush=True)
-                try:
-                    result, video = run_one(values, models_cache, not args.no_progress, stop)
-                except JobError as exc:
-                    parser.error(str(exc))
-                print_result(result, video, sys.stdout)
-                failed += result.status != "done"
-                if args.replay is not None and result.status == "done" and video:
-                    print(replay_verdict(args.replay, video), flush=True)
-        return 1 if failed or stop.requested else 0
+    import torch
 
+    cuda = torch.cuda.is_available()
+    cli = command_line_layer(args)
+    try:
+        grid = calibration_grid(args)       # refuses a grid beside --jobs or --replay
+        runs = planned_runs(args, cli, grid, cuda) if args.jobs is None else []
+    except JobError as exc:
+        parser.error(str(exc))
+    if args.jobs is None:
+        return run_command_line_jobs(args, runs, parser)
+    if args.replay is not None:
+        parser.error("--replay and --jobs do not go together: replay one record at a time")
     if not os.path.isfile(args.jobs):
         parser.error(f"--jobs: file not found: {args.jobs}")
     if args.ray is not None:
         return run_on_ray(args, cli)
+    return run_jobs_file(args, cli, cuda)
+
+
+def planned_runs(args: argparse.Namespace, cli: dict[str, Any], grid: list[tuple[int | None, int | None]],
+                 cuda: bool) -> list[dict[str, Any]]:
+    """The checked values of each job the command line asks for: one, or one per calibration grid point.
+
+    Everything is checked here, before any model loads (JobError says what is wrong).
+    """
+    layers = [cli]
+    if args.replay is not None:
+        layers = [replay_layer(args.replay, image_given="image" in cli), cli]
+    base = merge_values(*layers)
+    runs = []
+    for resolution, steps in grid:
+        values = dict(base)
+        if steps is not None:
+            values.update(resolution=resolution or base["resolution"], steps=steps)
+            values["output"] = grid_output(values["output"], values["resolution"], steps)
+        check_values(values, cuda)
+        job_settings(values)
+        runs.append(values)
+    return runs
+
+
+def run_command_line_jobs(args: argparse.Namespace, runs: list[dict[str, Any]],
+                          parser: argparse.ArgumentParser) -> int:
+    """Run the command line's job(s) in this process; 1 if any did not finish, or a stop was asked for."""
+    models_cache: dict[tuple[str, bool], Any] = {}
+    stop = StopOnInterrupt()
+    failed = 0
+    with stop.installed():
+        for values in runs:
+            if stop.requested:
+                break
+            if len(runs) > 1:
+                print(f"== calibration at {values['resolution']} px, {values['steps']} steps ==", flush=True)
+            try:
+                result, video = run_one(values, models_cache, not args.no_progress, stop)
+            except JobError as exc:
+                parser.error(str(exc))
+            print_result(result, video, sys.stdout)
+            failed += result.status != "done"
+            if args.replay is not None and result.status == "done" and video:
+                print(replay_verdict(args.replay, video), flush=True)
+    return 1 if failed or stop.requested else 0
+
+
+def run_jobs_file(args: argparse.Namespace, cli: dict[str, Any], cuda: bool) -> int:
+    """``--jobs FILE`` in this process: each line a job; a bad or failing line is reported and the next runs."""
+    models_cache: dict[tuple[str, bool], Any] = {}
+    stop = StopOnInterrupt()
     outcomes: list[JobOutcome] = []
     with stop.installed():
         for number, text in iter_job_lines(args.jobs):
@@ -251,14 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result, video = run_one(values, models_cache, not args.no_progress, stop)
             except JobError as exc:
                 outcomes.append(JobOutcome(number, "invalid", str(exc)))
+                logger.error("job at line %d refused: %s", number, exc)
             except Exception as exc:   # whatever one job hits, the next one runs (Ctrl-C is no Exception: it stops)
                 logger.exception("job at line %d failed", number)
                 outcomes.append(JobOutcome(number, "error", f"{type(exc).__name__}: {exc}"))
             else:
                 print_result(result, video, sys.stdout)
                 outcomes.append(JobOutcome(number, result.status, result.message, video))
-            if outcomes[-1].status == "invalid":
-                logger.error("job at line %d refused: %s", number, outcomes[-1].message)
     return report_outcomes(outcomes, args.jobs, sys.stdout)
 
 
