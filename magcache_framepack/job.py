@@ -290,15 +290,19 @@ class _History:
         self.pixels: torch.Tensor | None = None
         self.total_latents = 0          # latents of the video so far (names the partial MP4s)
 
-    def plans(self) -> list[int]:
-        """One opaque plan value per section, in generation order."""
+    def positions(self) -> list[int]:
+        """One value per section, in generation order, saying where the section goes in the video.
+
+        FramePack: its latent padding, the blank latents between the input image
+        and the section (sections count down to the start).  F1: the section's index.
+        """
         raise NotImplementedError
 
-    def conditioning(self, plan: int) -> dict[str, torch.Tensor]:
+    def conditioning(self, position: int) -> dict[str, torch.Tensor]:
         """The history keyword arguments of ``sample_hunyuan`` for a section."""
         raise NotImplementedError
 
-    def add(self, generated: torch.Tensor, plan: int) -> None:
+    def add(self, generated: torch.Tensor, position: int) -> None:
         """Put a section's new latents into the history."""
         raise NotImplementedError
 
@@ -325,9 +329,9 @@ class _InvertedHistory(_History):
         super().__init__(start_latent, window, sections)
         _, c, _, h, w = start_latent.shape
         self.latents = torch.zeros((1, c, 1 + 2 + 16, h, w), dtype=torch.float32)
-        self._last_plan: int | None = None
+        self._last_position: int | None = None
 
-    def plans(self) -> list[int]:
+    def positions(self) -> list[int]:
         """Each section's padding (blank windows before it); 0 marks the video's first section.
 
         Beyond 4 sections FramePack repeats padding 2 in the middle instead of
@@ -337,8 +341,8 @@ class _InvertedHistory(_History):
             return [3] + [2] * (self.sections - 3) + [1, 0]
         return list(reversed(range(self.sections)))
 
-    def conditioning(self, plan: int) -> dict[str, torch.Tensor]:
-        blank = plan * self.window
+    def conditioning(self, position: int) -> dict[str, torch.Tensor]:
+        blank = position * self.window
         sizes = [1, blank, self.window, 1, 2, 16]
         start_idx, _, latent_idx, after_idx, idx_2x, idx_4x = \
             torch.arange(sum(sizes)).unsqueeze(0).split(sizes, dim=1)
@@ -351,13 +355,13 @@ class _InvertedHistory(_History):
             clean_latents_4x=clean_4x, clean_latent_4x_indices=idx_4x,
         )
 
-    def add(self, generated: torch.Tensor, plan: int) -> None:
+    def add(self, generated: torch.Tensor, position: int) -> None:
         generated = generated.float().cpu()
-        if plan == 0:
+        if position == 0:
             generated = torch.cat([self.start_latent, generated], dim=2)
         self.total_latents += generated.shape[2]
         self.latents = torch.cat([generated, self.latents], dim=2)
-        self._last_plan = plan
+        self._last_position = position
 
     def decode(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         real = self.latents[:, :, :self.total_latents]
@@ -365,7 +369,7 @@ class _InvertedHistory(_History):
             self.pixels = decode(real)
         else:
             # the new window plus the one after it, so the blend has real neighbours on both sides
-            fresh = self.window * 2 + (1 if self._last_plan == 0 else 0)
+            fresh = self.window * 2 + (1 if self._last_position == 0 else 0)
             self.pixels = framepack_modules().utils.soft_append_bcthw(
                 decode(real[:, :, :fresh]), self.pixels, self._overlap())
         return self.pixels
@@ -386,10 +390,10 @@ class _ForwardHistory(_History):
                                   self.start_latent], dim=2)
         self.total_latents = 1
 
-    def plans(self) -> list[int]:
+    def positions(self) -> list[int]:
         return list(range(self.sections))
 
-    def conditioning(self, plan: int) -> dict[str, torch.Tensor]:
+    def conditioning(self, position: int) -> dict[str, torch.Tensor]:
         sizes = [1, 16, 2, 1, self.window]
         start_idx, idx_4x, idx_2x, idx_1x, latent_idx = torch.arange(sum(sizes)).unsqueeze(0).split(sizes, dim=1)
         clean_4x, clean_2x, clean_1x = self.latents[:, :, -19:].split([16, 2, 1], dim=2)
@@ -401,7 +405,7 @@ class _ForwardHistory(_History):
             clean_latents_4x=clean_4x, clean_latent_4x_indices=idx_4x,
         )
 
-    def add(self, generated: torch.Tensor, plan: int) -> None:
+    def add(self, generated: torch.Tensor, position: int) -> None:
         generated = generated.float().cpu()
         self.total_latents += generated.shape[2]
         self.latents = torch.cat([self.latents, generated], dim=2)
@@ -704,11 +708,11 @@ class _Job:
         logger.info("Job %s: %s, %d section(s) of %d latents at %dx%d, %d steps, cache=%s%s",
                     self.job_id, m.variant.title, self.total_sections, s.latent_window_size, width, height,
                     s.steps, s.cache, " (calibration)" if s.calibrate else "")
-        for index, plan in enumerate(self.history.plans()):
+        for index, position in enumerate(self.history.positions()):
             self.check_stop()
-            self.run_section(index, plan, width, height, generator, text)
+            self.run_section(index, position, width, height, generator, text)
 
-    def run_section(self, index: int, plan: int, width: int, height: int, generator: torch.Generator,
+    def run_section(self, index: int, position: int, width: int, height: int, generator: torch.Generator,
                     text: dict[str, torch.Tensor]) -> None:
         fp = framepack_modules()
         m, s = self.models, self.settings
@@ -746,14 +750,14 @@ class _Job:
                 frames=s.latent_window_size * 4 - 3, real_guidance_scale=s.cfg, distilled_guidance_scale=s.gs,
                 guidance_rescale=s.rs, num_inference_steps=s.steps, generator=generator,
                 device=m.device, dtype=m.dtype, callback=on_step,
-                **text, **history.conditioning(plan))
+                **text, **history.conditioning(position))
             sampling_seconds = time.perf_counter() - sample_started
         if run is not None:
             computed, skipped = list(run.computed), list(run.skipped)
         else:
             computed, skipped = observer.computed, observer.skipped
 
-        history.add(generated, plan)
+        history.add(generated, position)
         self.stage = f"decoding section {index + 1}"
         self.placement.vae_after_sampling()
         pixels = history.decode(lambda latents: fp.hunyuan.vae_decode(latents, m.vae).cpu())
