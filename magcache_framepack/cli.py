@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 
 def replay_verdict(record_path: str, video: str) -> str:
-    """The line a --replay ends with: the new video's frames against the record's (see magcache_metadata)."""
+    """The line a --replay ends with: the new video's frames against the record's (see magcache_framepack.records)."""
     from magcache_framepack.records import read_record, replay_verdict, sidecar_path
 
     replayed = read_record(sidecar_path(video))

@@ -55,7 +55,7 @@ def magcache_config(settings: JobSettings, variant: str | Variant, model: str | 
     The ratios are the profile's when one is set, else the library's table
     for ``frame_resolution`` ((height + width) / 2 of the frames; the bucket
     target when not known yet).  A profile calibrated for the other variant,
-    or on another model than ``model`` (see :attr:`magcache_models.Models.model_id`), is
+    or on another model than ``model`` (see :attr:`.models.Models.model_id`), is
     refused with a ValueError.
     """
     spec = get_variant(variant)
@@ -852,7 +852,7 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
     only and always disabled again.  One job at a time per Models.
 
     Beside every MP4 goes a JSON record of how it was made (the same JSON is
-    the MP4's ``comment`` tag; see :mod:`magcache_metadata`).  ``image_path``
+    the MP4's ``comment`` tag; see :mod:`.records`).  ``image_path``
     names the file ``input_image`` was read from, for that record; without
     it the input is saved as ``<job id>_input.png`` and that file is named.
     ``image_info`` (``image_record`` of the original) is

@@ -1,9 +1,9 @@
 """The models a FramePack job runs: where FramePack's code comes from, the two variants, and loading.
 
-Split from :mod:`magcache_pipeline` along one seam: this module says *what* runs
-(the real models as FramePack's demos load them, or tiny random-weight ones
-built from the same classes for tests and CPU runs, and diffusers' FramePack
-pipeline around the tiny components); the pipeline says *how a job runs* on them.
+This module says *what* runs (the real models as FramePack's demos load them,
+or tiny random-weight ones built from the same classes for tests and CPU runs,
+and diffusers' FramePack pipeline around the tiny components); :mod:`.job` says
+*how a job runs* on them.
 
 Nothing heavy happens at import time: FramePack's modules, diffusers and
 transformers are imported when first needed.

@@ -1,4 +1,4 @@
-"""Tests of magcache_pipeline with tiny random-weight models on the CPU.
+"""Tests of the job (magcache_framepack.job and its settings) with tiny random-weight models on the CPU.
 
 Every expectation is computed here independently of the pipeline: FramePack's
 section and frame arithmetic is restated as a simulation of its decode/blend

@@ -1,4 +1,4 @@
-"""Jobs on Ray workers (magcache_ray): same videos as one process, nothing lost, the shared app.
+"""Jobs on Ray workers (magcache_framepack.runners.ray): same videos as one process, nothing lost, the shared app.
 
 Everything runs on a local Ray started here, limited to this machine's 2 CPUs
 and bound to loopback; no other host is contacted.  Workers are tiny CPU workers
