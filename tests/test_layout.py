@@ -20,6 +20,7 @@ LAYERS = {
     "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "jobfiles": 4,
     "runners.local": 5, "runners.ray": 5, "app": 6, "cli": 6,
     "bench.report": 6, "bench.speed": 6, "bench.quality": 6, "bench.sweep": 6, "bench.ratios": 6,
+    "bench.ray_pool": 6,
 }
 
 #: Within the bench, the one import a tool makes of another tool (the shared ``bench.report`` aside).
