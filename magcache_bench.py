@@ -1,4 +1,4 @@
-"""Benchmarks and video quality metrics: ``python magcache_bench.py {speed,compare,sweep,ratios} --help``.
+"""Benchmarks and video quality metrics: ``python magcache_bench.py {speed,compare,sweep,ratios,ray} --help``.
 
 A thin launcher: the tools are :mod:`magcache_framepack.bench`.
 """

@@ -11,7 +11,7 @@ package is built in layers; a module imports only from layers below its own
 4. ``jobfiles``: job files and the values a command line or a record gives.
 5. runners: ``runners.local`` (this process), ``runners.ray`` (a Ray pool).
 6. front ends: ``app`` (the Gradio app), ``cli`` (``magcache_generate.py``),
-   ``bench`` (``magcache_bench.py``).
+   ``bench`` (``magcache_bench.py``: one module per tool, sharing ``bench.report``).
 
 Where to add things: a model class MagCache patches is an adapter in
 ``magcache_core``; another way to run jobs is a module in ``runners``; another

@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magcache_framepack.bench import (SpeedSetting, SweepRow, bench_shape, json_safe, main, parse_setting, psnr,
-                                      run_sweep, speed_rows, ssim, sweep_figure, sweep_table)
+from magcache_framepack.bench import main
+from magcache_framepack.bench.quality import psnr, ssim
+from magcache_framepack.bench.report import SpeedSetting, json_safe, parse_setting
+from magcache_framepack.bench.speed import bench_shape, speed_rows
+from magcache_framepack.bench.sweep import SweepRow, run_sweep, sweep_figure, sweep_table
 
 C1 = (0.01 * 255) ** 2
 C2 = (0.03 * 255) ** 2
@@ -254,8 +257,8 @@ def test_sweep_tiny_writes_table_and_chart(tmp_path: Path, capsys: pytest.Captur
     Image.fromarray(x).save(img)
     out = tmp_path / "sweep"
     rc = main(["sweep", "--image", str(img), "--prompt", "a red box", "--tiny", "--seconds", "1",
-                     "--steps", "8", "--no-presets", "--setting", "0.5,3,0.1", "--out", str(out), "--no-lpips", "--no-warmup",
-                     "--repeats", "2"])
+               "--steps", "8", "--no-presets", "--setting", "0.5,3,0.1", "--out", str(out), "--no-lpips",
+               "--no-warmup", "--repeats", "2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "meaningless" in printed
@@ -291,7 +294,8 @@ FAKE = {
 
 def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[SweepRow], str, list[str]]:
     from magcache_framepack.job import JobResult, SectionReport
-    from magcache_framepack import bench as bench_module, job as job_module, models as models_module
+    from magcache_framepack import job as job_module, models as models_module
+    from magcache_framepack.bench import sweep as sweep_module
     from PIL import Image
 
     names = {None: "off", 0.1: "A", 0.2: "B"}
@@ -314,7 +318,7 @@ def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Sw
 
     monkeypatch.setattr(models_module, "load_models", lambda variant, tiny: None)
     monkeypatch.setattr(job_module, "run_job", run_job)
-    monkeypatch.setattr(bench_module, "compare_videos", lambda ref, other, use_lpips: {
+    monkeypatch.setattr(sweep_module, "compare_videos", lambda ref, other, use_lpips: {
         "psnr": {"mean": 30.0, "min": 25.0}, "ssim": {"mean": 0.9, "min": 0.8}, "lpips": None})
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)

@@ -18,8 +18,13 @@ PACKAGE = ROOT / "magcache_framepack"
 #: The layers the package docstring states, lowest first.
 LAYERS = {
     "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "jobfiles": 4,
-    "runners.local": 5, "runners.ray": 5, "app": 6, "cli": 6, "bench": 6,
+    "runners.local": 5, "runners.ray": 5, "app": 6, "cli": 6,
+    "bench.report": 6, "bench.speed": 6, "bench.quality": 6, "bench.sweep": 6, "bench.ratios": 6,
+    "bench.ray_pool": 6,
 }
+
+#: Within the bench, the one import a tool makes of another tool (the shared ``bench.report`` aside).
+BENCH_TOOL_IMPORTS = {("bench.sweep", "bench.quality")}     # a sweep scores its videos with compare's metrics
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -42,7 +47,9 @@ def imports_of(path: pathlib.Path) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    """Every module's imports; a package's faces (``__init__``, ``__main__``) only wire its modules."""
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")
+            if p.name not in ("__init__.py", "__main__.py")}
 
 
 def test_every_module_has_a_layer_and_imports_only_down() -> None:
@@ -68,6 +75,24 @@ def test_no_import_circle() -> None:
 
     for m in sorted(edges):
         visit(m, [])
+
+
+def test_bench_tools_share_code_only_through_the_report_module() -> None:
+    edges = graph()
+    crossing = {(m, d) for m, deps in edges.items() if m.startswith("bench.")
+                for d in deps if d.startswith("bench.") and d != "bench.report"}
+    assert crossing == BENCH_TOOL_IMPORTS
+
+
+def test_no_function_over_100_lines_in_the_bench() -> None:
+    long = []
+    for path in sorted((PACKAGE / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
+    assert long == [], "split these along a seam you can name:\n" + "\n".join(long)
 
 
 def test_the_engine_imports_nothing_of_the_package() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from magcache_framepack import bench, cli, settings as settings_module
-from magcache_framepack.bench import library_plan_rows
+from magcache_framepack.bench.ratios import library_plan_rows
 import magcache_core as core
 from magcache_framepack.settings import JobSettings
 from magcache_framepack.job import magcache_config, ratio_source, run_job

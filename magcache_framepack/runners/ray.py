@@ -19,13 +19,16 @@ that fails by itself (bad settings, a refused profile, an error inside the
 pipeline) is reported at once and not retried: it would fail the same way.
 Files appear only whole (temporary name, then rename).
 
-This module is imported only when ``--ray`` is used; it imports ``ray`` at the
-top but works (to say what to install) without it: :func:`require_ray`.
+``magcache_bench.py ray`` (:mod:`magcache_framepack.bench.ray_pool`) measures
+what the pool costs and gains.
+
+This module is imported only when ``--ray`` (or that benchmark) is used; it
+imports ``ray`` at the top but works (to say what to install) without it:
+:func:`require_ray`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import logging
@@ -33,7 +36,6 @@ import os
 import pathlib
 import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -603,91 +605,3 @@ def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None
     count = worker_count(tiny, workers)
     logger.info("Starting %d Ray worker(s) for the app%s ...", count, " (tiny, CPU)" if tiny else "")
     return AppRunner(variant, tiny, count)
-
-
-def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int,
-          cpus: int | None) -> list[dict[str, Any]]:
-    """The same tiny jobs file on 1, 2, ... workers (one torch thread each) on a local Ray; one row per count.
-
-    ``jobs_seconds`` runs from the first job handed out to the last file written (worker start-up and model
-    loading are ``startup_seconds``); ``overhead`` is per job: driver wall time minus the worker's run_job time.
-    """
-    import numpy as np
-    from PIL import Image
-
-    started_here = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level="WARNING")
-        started_here = True
-    rows = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="magcache-ray-bench-") as tmp:
-            root = pathlib.Path(tmp)
-            rng = np.random.default_rng(0)
-            Image.fromarray((rng.random((72, 96, 3)) * 255).astype(np.uint8)).save(root / "in.png")
-            lines = [{"image": str(root / "in.png"), "prompt": f"bench {i}", "seed": i} for i in range(jobs)]
-            (root / "jobs.jsonl").write_text("".join(json_line(line) for line in lines))
-            for count in worker_counts:
-                cli = {"tiny": True, "seconds": seconds, "steps": steps, "output": str(root / f"w{count}" / "v.mp4")}
-                planned, known = plan_jobs(str(root / "jobs.jsonl"), cli, tiny_workers=True, resume=False)
-                assert not known, known
-                marks: dict[str, float] = {"begin": time.perf_counter()}
-
-                def on_dispatch(job: BatchJob, slot: Slot) -> None:
-                    marks.setdefault("first", time.perf_counter())
-
-                batch = Batch(planned, ActorFactory("framepack", tiny=True, threads=1), count, max_retries=0,
-                              on_dispatch=on_dispatch)
-                outcomes = batch.run()
-                end = time.perf_counter()
-                if any(o.status != "done" for o in outcomes):
-                    raise RuntimeError(f"bench jobs failed: {[o.message for o in outcomes if o.status != 'done']}")
-                overheads = [o.overhead_seconds for o in outcomes]
-                rows.append({"workers": count, "jobs": jobs, "jobs_seconds": end - marks["first"],
-                             "startup_seconds": marks["first"] - marks["begin"],
-                             "run_seconds_mean": sum(o.run_seconds for o in outcomes) / len(outcomes),
-                             "overhead_mean": sum(overheads) / len(overheads), "overhead_max": max(overheads)})
-                print(json_line(rows[-1]), end="", flush=True)
-    finally:
-        if started_here:
-            ray.shutdown()
-    return rows
-
-
-def json_line(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj) + "\n"
-
-
-def _bench_main(argv: Sequence[str] | None = None) -> int:
-    import platform
-
-    p = argparse.ArgumentParser(prog="magcache_ray.py", description="Measure the Ray pool in tiny CPU mode.")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="the same tiny jobs file on 1, 2, ... workers")
-    b.add_argument("--jobs", type=int, default=8)
-    b.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    b.add_argument("--seconds", type=float, default=1.0)
-    b.add_argument("--steps", type=int, default=8)
-    b.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    args = p.parse_args(argv)
-    require_ray()
-    rows = bench(args.jobs, args.workers, args.seconds, args.steps, args.cpus)
-    base = rows[0]["jobs_seconds"]
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} tiny jobs "
-          f"({args.seconds:g} s, {args.steps} steps), 1 torch thread per worker\n")
-    print("| workers | wall time of the jobs | vs 1 worker | worker start-up | run_job per job | "
-          "dispatch overhead per job (mean / max) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['workers']} | {r['jobs_seconds']:.1f} s | {r['jobs_seconds'] / base:.2f}x | "
-              f"{r['startup_seconds']:.1f} s | {r['run_seconds_mean']:.2f} s | "
-              f"{r['overhead_mean']:.3f} s / {r['overhead_max']:.3f} s |")
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(_bench_main())
