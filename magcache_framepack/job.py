@@ -655,7 +655,7 @@ class _Job:
         fp = framepack_modules()
         m, s = self.models, self.settings
         dtype = m.dtype
-        self.total_sections = section_count(s.total_second_length, s.latent_window_size)
+        self.total_sections = section_count(s.seconds, s.latent_window_size)
         self.job_id = fp.utils.generate_timestamp()
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -769,7 +769,7 @@ class _Job:
                                frames=int(pixels.shape[2]), sampling_seconds=sampling_seconds)
         video = video_frames(pixels)
         record = self.video_record(self.sections + [report], frames_sha256(video))
-        write_mp4(video, path, fps=FPS, crf=s.mp4_crf, comment=dumps(record))
+        write_mp4(video, path, fps=FPS, crf=s.crf, comment=dumps(record))
         write_sidecar(path, record)
         self.video_path, self.record = path, record
         self.sections.append(report)

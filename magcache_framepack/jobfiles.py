@@ -18,18 +18,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from magcache_framepack.settings import CACHE_MODES, PRESET_NAMES, RESAMPLE_MODES, VARIANT_NAMES
+
+from magcache_framepack.settings import (CACHE_MODES, LIMITS, PRESET_NAMES, RESAMPLE_MODES, VARIANT_NAMES,
+                                       JobSettings, setting_name)
 
 
 # Defaults of a job when neither the command line nor the job line gives a value
 # (FramePack's UI defaults, as JobSettings has them).
 DEFAULTS: dict[str, Any] = {
-    "image": None, "prompt": "", "n_prompt": "", "variant": "framepack", "seconds": 5.0, "steps": 25,
-    "seed": 31337, "cfg": 1.0, "gs": 10.0, "rs": 0.0, "cache": "magcache", "preset": None,
-    "magcache_thresh": 0.10, "magcache_K": 3, "retention_ratio": 0.2, "mag_ratios": None,
-    "calibrate": False, "tiny": False, "output": None, "outputs_dir": "outputs",
-    "profiles_dir": "magcache_profiles", "crf": 16, "latent_window_size": 9, "resolution": 640,
-    "gpu_memory_preservation": 6.0, "resample": "magnitude",
+    "image": None, "variant": "framepack", "preset": None, "tiny": False, "output": None,
+    "outputs_dir": "outputs", "profiles_dir": "magcache_profiles",
+    "prompt": "", **{f.name: f.default for f in dataclasses.fields(JobSettings) if f.default is not dataclasses.MISSING},
 }
 
 
@@ -39,14 +38,8 @@ PRESET_KEYS = ("magcache_thresh", "magcache_K", "retention_ratio")
 FLAG = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
 
 
-#: Job keys whose JobSettings field has another name; every other setting key is the field's name.
-SETTING_NAMES = {"seconds": "total_second_length", "crf": "mp4_crf"}
-
-
 #: The job keys that are JobSettings fields (what a video record's "settings" can give back).
-SETTING_KEYS = ("prompt", "n_prompt", "seed", "seconds", "steps", "cfg", "gs", "rs", "cache", "magcache_thresh",
-                "magcache_K", "retention_ratio", "mag_ratios", "calibrate", "crf", "latent_window_size",
-                "resolution", "gpu_memory_preservation", "resample")
+SETTING_KEYS = tuple(f.name for f in dataclasses.fields(JobSettings))
 
 
 class JobError(ValueError):
@@ -109,8 +102,7 @@ def normalise_job_line(obj: Any) -> dict[str, Any]:
                        f"got {type(obj).__name__}")
     out: dict[str, Any] = {}
     for key, value in obj.items():
-        name = str(key).replace("-", "_")      # "magcache-thresh" as on the command line, or "magcache_thresh"
-        name = "magcache_K" if name == "magcache_k" else name
+        name = setting_name(key)      # "magcache-thresh" as on the command line, "magcache_thresh", earlier names
         if name not in DEFAULTS:
             raise JobError(f"unknown key {key!r}; accepted keys (dashes or underscores): {', '.join(DEFAULTS)}")
         out[name] = CONVERTERS.get(name, _to_str)(name, value)
@@ -156,10 +148,9 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
         raise JobError(f"--cache {values['cache']!r}: choose one of {', '.join(CACHE_MODES)}")
     if values["resample"] not in RESAMPLE_MODES:
         raise JobError(f"--resample {values['resample']!r}: choose one of {', '.join(RESAMPLE_MODES)}")
-    from magcache_framepack.settings import LIMITS
 
     for key in SETTING_KEYS:
-        limit = LIMITS.get(SETTING_NAMES.get(key, key))
+        limit = LIMITS.get(key)
         if limit is not None and not limit.accepts(values[key]):
             raise JobError(f"{FLAG[key]} {limit.describe()}, got {values[key]!r}")
     if values["calibrate"] and values["cache"] != "magcache":
@@ -187,9 +178,8 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
 
 def job_settings(values: dict[str, Any]) -> Any:
     """The pipeline's JobSettings for these values, validated by the pipeline itself."""
-    from magcache_framepack.settings import JobSettings
 
-    settings = JobSettings(**{SETTING_NAMES.get(k, k): values[k] for k in SETTING_KEYS})
+    settings = JobSettings(**{k: values[k] for k in SETTING_KEYS})
     try:
         settings.validate()
     except ValueError as exc:
@@ -221,8 +211,8 @@ def replay_layer(path: str, image_given: bool) -> dict[str, Any]:
 
     try:
         record = read_record(path)
-        settings = record["settings"]
-        layer = {k: settings[SETTING_NAMES.get(k, k)] for k in SETTING_KEYS if SETTING_NAMES.get(k, k) in settings}
+        settings = {setting_name(k): v for k, v in record["settings"].items()}     # a record may use earlier names
+        layer = {k: settings[k] for k in SETTING_KEYS if k in settings}
         layer.update(prompt=record["prompt"], n_prompt=record["n_prompt"], seed=record["seed"],
                      variant=record["variant"], tiny=bool(record.get("tiny")))
         if not image_given:

@@ -82,7 +82,7 @@ class Limit:
 #: Every numeric job setting's range: the one definition the apps, the API and the CLI use.
 LIMITS: Mapping[str, Limit] = types.MappingProxyType({
     "seed": Limit(0, 2 ** 63 - 1, integer=True),
-    "total_second_length": Limit(1, 120, step=0.1, hint="seconds of video"),
+    "seconds": Limit(1, 120, step=0.1, hint="seconds of video"),
     "latent_window_size": Limit(1, 33, integer=True, step=1, hint="FramePack uses 9"),
     "steps": Limit(1, 100, integer=True, step=1, hint="FramePack uses 25"),
     "cfg": Limit(1.0, 32.0, step=0.01, hint="FramePack keeps 1"),
@@ -92,9 +92,22 @@ LIMITS: Mapping[str, Limit] = types.MappingProxyType({
     "magcache_thresh": Limit(0.0, 1.0, step=0.01, hint="0.10 to 0.15 is the published range"),
     "magcache_K": Limit(1, 10, integer=True, step=1, hint="3 or 4 are the published values"),
     "retention_ratio": Limit(0.0, 0.99, step=0.01, hint="0.2 is the published value"),
-    "mp4_crf": Limit(0, 51, integer=True, step=1, hint="0 is lossless; FramePack uses 16"),
+    "crf": Limit(0, 51, integer=True, step=1, hint="0 is lossless; FramePack uses 16"),
     "resolution": Limit(64, 2048, integer=True, step=16, hint=f"pixels; FramePack uses {FRAMEPACK_RESOLUTION}"),
 })
+
+
+#: Earlier names of settings, still accepted in job files, records and by setting_name(): FramePack's
+#: UI and this project's records before the vocabulary was one called the video length
+#: total_second_length and the CRF mp4_crf (the app's /generate endpoint keeps those two names).
+ALIASES: Mapping[str, str] = types.MappingProxyType(
+    {"total_second_length": "seconds", "mp4_crf": "crf", "magcache_k": "magcache_K"})
+
+
+def setting_name(key: str) -> str:
+    """The one name of a setting: dashes as underscores (the CLI's spelling), earlier names mapped."""
+    name = str(key).replace("-", "_")
+    return ALIASES.get(name, name)
 
 
 @dataclasses.dataclass
@@ -115,7 +128,7 @@ class JobSettings:
     prompt: str
     n_prompt: str = ""
     seed: int = 31337
-    total_second_length: float = 5.0
+    seconds: float = 5.0
     latent_window_size: int = 9
     steps: int = 25
     cfg: float = 1.0
@@ -128,7 +141,7 @@ class JobSettings:
     retention_ratio: float = 0.2
     mag_ratios: str | None = None
     calibrate: bool = False
-    mp4_crf: int = 16
+    crf: int = 16
     resolution: int = FRAMEPACK_RESOLUTION
     resample: str = "magnitude"
 
@@ -179,9 +192,9 @@ class JobSettings:
 
 
 
-def section_count(total_second_length: float, latent_window_size: int) -> int:
+def section_count(seconds: float, latent_window_size: int) -> int:
     """Sections FramePack generates: video seconds at 30 fps over 4 frames per latent, rounded, at least 1."""
-    return int(max(round(total_second_length * FPS / (latent_window_size * 4)), 1))
+    return int(max(round(seconds * FPS / (latent_window_size * 4)), 1))
 
 
 def bucket_resolution(resolution: int, tiny: bool) -> int:

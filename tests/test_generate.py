@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from magcache_framepack.jobfiles import JobError, merge_values, normalise_job_line, output_for_line
-from magcache_framepack.cli import main
+from magcache_framepack.cli import build_parser, main
 
 
 def frame_count(path: Path) -> int:
@@ -90,6 +90,37 @@ def test_job_lines_are_checked() -> None:
             normalise_job_line(bad)
     assert output_for_line("out/v.mp4", 3, from_job=False) == str(Path("out/v-line3.mp4"))
     assert output_for_line("mine.mp4", 3, from_job=True) == "mine.mp4"
+
+
+def test_one_vocabulary_with_the_earlier_names_as_aliases() -> None:
+    import dataclasses
+
+    from magcache_framepack.jobfiles import DEFAULTS, SETTING_KEYS
+    from magcache_framepack.settings import LIMITS, JobSettings
+
+    # JobSettings' fields are the job keys, the record's settings keys and (with dashes) the flags
+    fields = [f.name for f in dataclasses.fields(JobSettings)]
+    assert list(SETTING_KEYS) == fields and set(fields) <= set(DEFAULTS) and set(LIMITS) <= set(fields)
+    assert {f.name: f.default for f in dataclasses.fields(JobSettings) if f.name != "prompt"} == \
+        {k: DEFAULTS[k] for k in fields if k != "prompt"}
+    flags = {a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
+    assert {"--" + k.replace("_", "-") for k in fields} <= flags
+    # job files written with the earlier names still work
+    assert normalise_job_line({"total_second_length": 3, "mp4_crf": 20, "magcache_k": 2}) == \
+        {"seconds": 3.0, "crf": 20, "magcache_K": 2}
+
+
+def test_a_record_with_the_earlier_names_replays(tmp_path: Path) -> None:
+    from magcache_framepack.jobfiles import replay_layer
+    from magcache_framepack.records import FORMAT
+
+    record = {"format": FORMAT, "prompt": "p", "n_prompt": "", "seed": 4, "variant": "f1", "tiny": True,
+              "settings": {"total_second_length": 2.5, "mp4_crf": 18, "steps": 7, "magcache_K": 2}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(record))
+    layer = replay_layer(str(path), image_given=True)
+    assert (layer["seconds"], layer["crf"], layer["steps"], layer["magcache_K"]) == (2.5, 18, 7, 2)
+    assert "total_second_length" not in layer and "mp4_crf" not in layer
 
 
 @pytest.mark.slow

@@ -48,10 +48,10 @@ def frames(path: Path) -> np.ndarray:
 
 def test_limits_are_one_table_and_clamp_into_it() -> None:
     s = JobSettings(prompt="x", steps=500, retention_ratio=1.0, magcache_thresh=2.5, magcache_K=0.4,
-                       seed=-3, mp4_crf=99.6, total_second_length=0.2)
+                       seed=-3, crf=99.6, seconds=0.2)
     c = s.clamped()
-    assert (c.steps, c.retention_ratio, c.magcache_thresh, c.magcache_K, c.seed, c.mp4_crf,
-            c.total_second_length) == (100, 0.99, 1.0, 1, 0, 51, 1)
+    assert (c.steps, c.retention_ratio, c.magcache_thresh, c.magcache_K, c.seed, c.crf,
+            c.seconds) == (100, 0.99, 1.0, 1, 0, 51, 1)
     c.validate()                                    # a clamped job is a valid job
     for name, limit in LIMITS.items():
         assert limit.accepts(limit.low) and limit.accepts(limit.high)
@@ -103,7 +103,7 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
     assert record["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
     settings = record["settings"]
     assert (settings["steps"], settings["magcache_thresh"], settings["magcache_K"], settings["retention_ratio"],
-            settings["cfg"], settings["gs"], settings["mp4_crf"], settings["cache"]) == \
+            settings["cfg"], settings["gs"], settings["crf"], settings["cache"]) == \
         (8, 0.15, 4, 0.2, 1.0, 10.0, 16, "magcache")
     height, width = frames(out).shape[1:3]
     ratios = library_plan_ratios("framepack", height, width, 8)

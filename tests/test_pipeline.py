@@ -173,7 +173,7 @@ def test_settings_validation_messages() -> None:
     JobSettings(prompt="x").validate()
     cases = {
         "steps": dict(steps=0), "cache": dict(cache="fast"), "latent_window_size": dict(latent_window_size=2.5),
-        "total_second_length": dict(total_second_length=0), "mp4_crf": dict(mp4_crf=60),
+        "seconds": dict(seconds=0), "crf": dict(crf=60),
         "mag_ratios": dict(mag_ratios="/nonexistent/profile.json"), "calibrate": dict(calibrate=True, cache="off"),
         "magcache_K": dict(magcache_K=0), "resolution": dict(resolution=8),
     }
@@ -228,7 +228,7 @@ def test_tiny_models_are_the_real_classes(tiny: dict[str, Models]) -> None:
 @pytest.mark.parametrize("variant", ["framepack", "f1"])
 def test_magcache_job(tiny: dict[str, Models], tmp_path: pathlib.Path, variant: str) -> None:
     models = tiny[variant]
-    settings = JobSettings(prompt="The girl dances gracefully", total_second_length=2, resolution=RES,
+    settings = JobSettings(prompt="The girl dances gracefully", seconds=2, resolution=RES,
                               seed=7)
     reports: list[SectionReport] = []
     updates: list[ProgressUpdate] = []
@@ -277,7 +277,7 @@ def test_stop_mid_section_keeps_first_video(tiny: dict[str, Models], tmp_path: p
     calls_at_first_section: list[int] = []
     try:
         result = run_job(
-            models, test_image(), JobSettings(prompt="a cat", total_second_length=2, steps=steps, resolution=RES),
+            models, test_image(), JobSettings(prompt="a cat", seconds=2, steps=steps, resolution=RES),
             outputs_dir=tmp_path, on_progress=seen.append,
             on_section=lambda r: calls_at_first_section.append(calls.count),
             should_stop=lambda: any(u.section == 1 and u.step >= 3 for u in seen))
@@ -296,7 +296,7 @@ def test_stop_mid_section_keeps_first_video(tiny: dict[str, Models], tmp_path: p
 
 def test_bad_input_then_good_job(tiny: dict[str, Models], tmp_path: pathlib.Path) -> None:
     models = tiny["f1"]
-    settings = JobSettings(prompt="a dog runs", total_second_length=1, steps=6, resolution=RES, cache="off")
+    settings = JobSettings(prompt="a dog runs", seconds=1, steps=6, resolution=RES, cache="off")
     for image, needle in [(None, "No input image"), (test_image()[:, :, 0], "shape"),
                           (test_image().astype(np.float64) / 255, "dtype")]:
         result = run_job(models, image, settings, outputs_dir=tmp_path)
@@ -319,7 +319,7 @@ def test_calibration_profile_roundtrip(tiny: dict[str, Models], tmp_path: pathli
     models = tiny["framepack"]
     steps = 12
     profiles = tmp_path / "profiles"
-    calib = run_job(models, test_image(), JobSettings(prompt="a bird flies", total_second_length=1,
+    calib = run_job(models, test_image(), JobSettings(prompt="a bird flies", seconds=1,
                                                             steps=steps, resolution=RES, calibrate=True),
                        outputs_dir=tmp_path, profiles_dir=profiles)
     assert calib.status == "done", calib.message
@@ -340,7 +340,7 @@ def test_calibration_profile_roundtrip(tiny: dict[str, Models], tmp_path: pathli
     expected = skipped_by_plan(profile.ratios, steps, thresh, k)
     library = skipped_by_plan(library_plan_ratios("framepack", height, width, steps), steps, thresh, k)
     assert expected and expected != library, "the test needs a plan that tells the profile apart"
-    reuse = run_job(models, test_image(), JobSettings(prompt="a bird flies", total_second_length=1,
+    reuse = run_job(models, test_image(), JobSettings(prompt="a bird flies", seconds=1,
                                                             steps=steps, resolution=RES, magcache_thresh=thresh,
                                                             magcache_K=k, mag_ratios=str(path)),
                        outputs_dir=tmp_path)
@@ -484,7 +484,7 @@ def test_real_loading_follows_framepack(tiny: dict[str, Models], fake_cuda: Fake
 def test_low_vram_job_moves_models_like_framepack(tiny: dict[str, Models], fake_cuda: FakeMemory,
                                                   tmp_path: pathlib.Path) -> None:
     models = dataclasses.replace(tiny["framepack"], high_vram=False)
-    settings = JobSettings(prompt="a horse", n_prompt="blurry", cfg=2.0, total_second_length=2, steps=3,
+    settings = JobSettings(prompt="a horse", n_prompt="blurry", cfg=2.0, seconds=2, steps=3,
                               resolution=RES, gpu_memory_preservation=7.5)
     result = run_job(models, test_image(), settings, outputs_dir=tmp_path)
     assert result.status == "done", result.message
@@ -507,7 +507,7 @@ def test_teacache_job_reports_the_steps_that_ran(tiny: dict[str, Models], tmp_pa
     steps = 10
     calls = BlockCalls(models.transformer)
     try:
-        result = run_job(models, test_image(), JobSettings(prompt="rain", total_second_length=1, steps=steps,
+        result = run_job(models, test_image(), JobSettings(prompt="rain", seconds=1, steps=steps,
                                                                  resolution=RES, cache="teacache"),
                             outputs_dir=tmp_path)
     finally:

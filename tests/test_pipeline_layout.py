@@ -168,7 +168,7 @@ def record_job(variant: str, outputs: pathlib.Path) -> list[dict[str, Any]]:
         return result
 
     models = load_models(variant, tiny=True)
-    settings = JobSettings(prompt="a cat walks", total_second_length=SECONDS, latent_window_size=WINDOW,
+    settings = JobSettings(prompt="a cat walks", seconds=SECONDS, latent_window_size=WINDOW,
                               steps=STEPS, resolution=RES, seed=3)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sampler, "sample_hunyuan", recording)

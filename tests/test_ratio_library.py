@@ -74,7 +74,7 @@ def test_a_384_px_job_plans_from_the_384_table_and_a_profile_overrides(tmp_path:
     monkeypatch.setattr(settings_module, "TINY_RESOLUTION", 384)       # tiny models may render this large, for this test
     models = build_tiny_models("framepack")
     image = np.full((400, 400, 3), 90, np.uint8)
-    settings = JobSettings(prompt="a box", total_second_length=1, steps=6, resolution=384, seed=3)
+    settings = JobSettings(prompt="a box", seconds=1, steps=6, resolution=384, seed=3)
     result = run_job(models, image, settings, outputs_dir=tmp_path)
     assert result.status == "done", result.message
     frame = result.record["frame"]

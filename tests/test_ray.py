@@ -189,8 +189,8 @@ def test_app_runner_two_sessions_at_once_and_end_stops_only_its_own(tmp_path: pa
         # End, through the runner: two jobs at once, the first told to stop after its first step
         jobs = [Job(), Job()]
         image = (np.random.default_rng(3).random((64, 80, 3)) * 255).astype(np.uint8)
-        settings = [JobSettings(prompt="stop me", seed=1, total_second_length=3, steps=6),
-                    JobSettings(prompt="finish me", seed=2, total_second_length=1, steps=4)]
+        settings = [JobSettings(prompt="stop me", seed=1, seconds=3, steps=6),
+                    JobSettings(prompt="finish me", seed=2, seconds=1, steps=4)]
         threads = [threading.Thread(target=runner, args=(job, image, s, str(tmp_path / "o"), str(tmp_path / "p")))
                    for job, s in zip(jobs, settings)]
         for t in threads:

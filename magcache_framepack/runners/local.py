@@ -112,7 +112,7 @@ def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], p
     if key not in models_cache:
         logger.info("loading %s models%s", values["variant"], " (tiny)" if values["tiny"] else "")
         models_cache[key] = load_models(values["variant"], tiny=values["tiny"])
-    bars = _Progress(section_count(settings.total_second_length, settings.latent_window_size),
+    bars = _Progress(section_count(settings.seconds, settings.latent_window_size),
                      settings.steps, enabled=progress)
     try:
         with logging_redirect_tqdm(), contextlib.redirect_stderr(_HideSamplerBars(sys.stderr)):

@@ -545,8 +545,7 @@ class AppRunner:
         image_file = outputs / f"{time.strftime('%y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}_input.png"
         Image.fromarray(image).save(image_file)
         values = dataclasses.asdict(settings)
-        values.update(seconds=values.pop("total_second_length"), crf=values.pop("mp4_crf"),
-                      image=str(image_file), variant=self.variant, tiny=self.tiny)
+        values.update(image=str(image_file), variant=self.variant, tiny=self.tiny)
         task = make_task(values, stream=True)
         started = time.perf_counter()
         ref = slot.actor.run.remote(task)
