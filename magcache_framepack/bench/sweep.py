@@ -180,17 +180,17 @@ def run_sweep(image: str, prompt: str, settings: Sequence[SpeedSetting], out_dir
     models = load_models(variant, tiny=tiny)
     if warmup:
         logger.info("sweep: warm-up job (1 step, untimed)")
-        res = run_job(models, img, JobSettings(prompt=prompt, seed=seed, total_second_length=seconds,
-                                                                 steps=1, cache="off", mp4_crf=crf),
-                               outputs_dir=str(out / "videos" / "warmup"))
+        res = run_job(models, img, JobSettings(prompt=prompt, seed=seed, seconds=seconds, steps=1, cache="off",
+                                               crf=crf),
+                      outputs_dir=str(out / "videos" / "warmup"))
         if res.status != "done":
             logger.warning("sweep: warm-up job %s: %s", res.status, res.message)
     runs: dict[str, list[Any]] = {s.name: [] for s in settings}
     for rnd in range(repeats):
         shift = rnd % len(settings)
         for s in list(settings[shift:]) + list(settings[:shift]):
-            job = JobSettings(prompt=prompt, seed=seed, total_second_length=seconds, steps=steps,
-                                       mp4_crf=crf, cache="off" if s.params is None else "magcache")
+            job = JobSettings(prompt=prompt, seed=seed, seconds=seconds, steps=steps, crf=crf,
+                              cache="off" if s.params is None else "magcache")
             if s.params is not None:
                 job.magcache_thresh, job.magcache_K, job.retention_ratio = s.params
             videos = out / "videos" / _safe(s.name)
