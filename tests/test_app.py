@@ -423,7 +423,8 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """main() with the model loading, UI building and server replaced by recorders."""
     import torch
 
-    from magcache_framepack import app as app_module, models as models_module
+    from magcache_framepack import models as models_module
+    from magcache_framepack.app import handlers as app_module
 
     seen: dict[str, Any] = {"loads": []}
     demo = FakeDemo()

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "magcache_framepack"
 #: The layers the package docstring states, lowest first.
 LAYERS = {
     "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "jobfiles": 4,
-    "runners.local": 5, "runners.ray": 5, "app": 6, "cli": 6, "bench": 6,
+    "runners.local": 5, "runners.ray": 5, "app.handlers": 6, "cli": 6, "bench": 6,
 }
 
 

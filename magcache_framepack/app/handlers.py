@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # imported for annotations only; see the module docstring
 
 logger = logging.getLogger(__name__)
 
-APP_DIR = pathlib.Path(__file__).resolve().parent.parent    # the checkout the package sits in, beside the demos
+APP_DIR = pathlib.Path(__file__).resolve().parents[2]    # the checkout the package sits in, beside the demos
 
 LIBRARY = "library"              # profile-dropdown value of the ratio library (a table per job)
 PUBLISHED = "published"          # the value older clients send for the same thing
