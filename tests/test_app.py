@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from magcache_framepack.app import (CUSTOM_PRESET, GENERATE_OUTPUTS, Job, ProfileCatalog, SessionJobs, StepClock,
-                                    _run_job_thread, build_ui, eta_seconds, format_duration, image_frame_resolution,
+                                    run_job_thread, build_ui, eta_seconds, format_duration, image_frame_resolution,
                                     launch, main, plan_panel_html, preset_for, preset_values, profile_selection,
                                     skip_plan_text, video_path_from_output)
 import magcache_core
@@ -289,14 +289,14 @@ def test_worker_always_reports(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(job_module, "run_job", explode)
     job, lock = Job(), threading.Lock()
-    _run_job_thread(job, lock, None, None, None, "out", "prof")
+    run_job_thread(job, lock, None, None, None, "out", "prof")
     kind, result = job.events.get_nowait()
     assert kind == "done" and result.status == "error" and "boom" in result.message
     assert not lock.locked()
 
     job = Job()
     lock.acquire()                                  # another session's job holds the GPU
-    worker = threading.Thread(target=_run_job_thread, args=(job, lock, None, None, None, "o", "p"))
+    worker = threading.Thread(target=run_job_thread, args=(job, lock, None, None, None, "o", "p"))
     worker.start()
     assert job.events.get(timeout=10) == ("waiting", None)
     job.stop.set()
@@ -424,7 +424,7 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     import torch
 
     from magcache_framepack import models as models_module
-    from magcache_framepack.app import handlers as app_module
+    from magcache_framepack.app import serve as app_module
 
     seen: dict[str, Any] = {"loads": []}
     demo = FakeDemo()

@@ -18,7 +18,9 @@ PACKAGE = ROOT / "magcache_framepack"
 #: The layers the package docstring states, lowest first.
 LAYERS = {
     "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "jobfiles": 4,
-    "runners.local": 5, "runners.ray": 5, "app.handlers": 6, "cli": 6, "bench": 6,
+    "runners.local": 5, "runners.ray": 5, "cli": 6, "bench": 6,
+    # the app is a subpackage, all of it layer 6 (its face, app/__init__.py, is not walked: it only re-exports)
+    "app.views": 6, "app.handlers": 6, "app.layout": 6, "app.serve": 6,
 }
 
 

@@ -470,7 +470,7 @@ def plan_jobs(path: str, cli: dict[str, Any], tiny_workers: bool, resume: bool) 
 
 
 class AppRunner:
-    """``runner(job, image, settings, outputs_dir, profiles_dir)`` for magcache_app.build_ui, on Ray workers.
+    """``runner(job, image, settings, outputs_dir, profiles_dir)`` for magcache_framepack.app.build_ui, on Ray workers.
 
     Keeps the in-process job thread's contract: events ("waiting", None),
     ("progress", ProgressUpdate), ("section", SectionReport) and always a final
