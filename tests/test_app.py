@@ -683,6 +683,34 @@ def test_a_profile_made_for_this_job_is_offered_first(tmp_path: pathlib.Path) ->
     assert "1 measured on lllyasviel/FramePackI2V_HY" in catalog.left_out()
 
 
+def test_a_profile_of_the_same_checkpoint_under_another_name_is_offered(tmp_path: pathlib.Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog accepts what the engine accepts: a profile calibrated on the same checkpoint is offered
+    whatever name its model was loaded under (a Hub-cache snapshot path, the Hub id diffusers' class records,
+    an alias of it); one of another checkpoint is left out and counted."""
+    repo = "lllyasviel/FramePackI2V_HY"
+    snapshot = "/hf/hub/models--lllyasviel--FramePackI2V_HY/snapshots/0123abc"
+
+    def profile(name: str, model: str) -> None:
+        magcache_core.MagCacheProfile(variant="framepack", num_steps=25, ratios=[1.0] * 25,
+                                      model=model).save(tmp_path / name)
+
+    profile("a_hub_cache.json", snapshot)                 # FramePack's packed model, from a local snapshot
+    profile("b_hub_id.json", repo)                        # diffusers' model, from the Hub id
+    profile("c_alias.json", "someone/framepack-diffusers")
+    profile("d_f1.json", "lllyasviel/FramePack_F1_I2V_HY_20250503")
+    monkeypatch.setitem(magcache_core.CHECKPOINT_ALIASES, "someone/framepack-diffusers", repo)
+    for model in (repo, snapshot):
+        catalog = ProfileCatalog("framepack", tmp_path, model=model)
+        assert [value for _, value in catalog.choices()] == \
+            ["library", "a_hub_cache.json", "b_hub_id.json", "c_alias.json"]
+        assert catalog.left_out().endswith("1 measured on lllyasviel/FramePack_F1_I2V_HY_20250503.")
+        for name in ("a_hub_cache.json", "b_hub_id.json", "c_alias.json"):
+            assert profile_selection(catalog, name)[3] is None            # selected, not refused
+            panel = plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, name, False)
+            assert f"Ratio table: your profile {name} (chosen by you)" in panel
+
+
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

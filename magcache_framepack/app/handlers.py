@@ -80,7 +80,13 @@ class ProfileCatalog:
         return str(path)
 
     def _scan(self) -> tuple[list[tuple[pathlib.Path, magcache_core.MagCacheProfile]], dict[str, int]]:
-        """(usable profiles, {reason: count} of the files left out)."""
+        """(usable profiles, {reason: count} of the files left out).
+
+        Usable is what the engine accepts (:meth:`magcache_core.MagCacheProfile.check`, which
+        compares canonical model names), so the list offers exactly the profiles a job would run:
+        one calibrated on the same checkpoint under another name (a Hub-cache path, diffusers'
+        class of it) is offered, not left out.
+        """
         paths = sorted(self.profiles_dir.glob("*.json")) if self.profiles_dir.is_dir() else []
         if self.extra is not None and self.extra not in paths:
             paths.append(self.extra)
@@ -92,14 +98,15 @@ class ProfileCatalog:
             except ValueError:
                 left["not a readable profile"] = left.get("not a readable profile", 0) + 1
                 continue
-            if prof.variant != self.variant:
-                reason = f"calibrated for {prof.variant}"
-            elif self.model is not None and prof.model is not None and prof.model != self.model:
-                reason = f"measured on {prof.model}"
-            else:
-                usable.append((path, prof))
+            try:
+                prof.check(self.variant, self.model)
+            except ValueError:
+                # the count says which of the two checks refused it
+                reason = (f"calibrated for {prof.variant}" if prof.variant != self.variant
+                          else f"measured on {prof.model}")
+                left[reason] = left.get(reason, 0) + 1
                 continue
-            left[reason] = left.get(reason, 0) + 1
+            usable.append((path, prof))
         return usable, left
 
     def choices(self, steps: int | None = None, resolution: float | None = None) -> list[tuple[str, str]]:
