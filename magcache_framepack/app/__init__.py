@@ -3,9 +3,9 @@
 It keeps the page FramePack users know (image, prompt, quick prompts, Start/End,
 settings on the left; video, latent preview and progress on the right) and adds
 MagCache: cache choice, presets, the three MagCache knobs, the calibration table
-in use, a calibration run, and a live skip plan computed by the same function
-the run uses (:func:`magcache_core.skip_schedule`), so the plan shown is the
-plan run.
+in use, a calibration run, and a live skip plan made by the function the job
+plans with (:func:`magcache_framepack.job.magcache_config`, then its
+``schedule()``) on the same table, so the plan shown is the plan run.
 
 Inside the app, imports only go down (``tests/test_layout.py`` checks it):
 

@@ -30,7 +30,7 @@ from typing import Any
 import magcache_core
 from magcache_framepack.app.views import (
     CUSTOM_PRESET, LIBRARY, PUBLISHED, job_report, message_html, plan_message, plan_panel, preset_for,
-    preset_values, profile_status_html, progress_html, ratios_in_use_chart, calibration_chart, skip_plan,
+    preset_values, profile_status_html, progress_html, ratios_in_use_chart, calibration_chart, SkipPlan,
     summary_markdown, format_duration, eta_seconds)
 from magcache_framepack.settings import LIMITS, JobSettings, section_count
 
@@ -192,16 +192,32 @@ class ProfileCatalog:
             raise ValueError(f"{path.name}: {exc}") from None
         return profile
 
-    def table(self, choice: str | None, steps: int, resample: str = "magnitude",
-              resolution: float | None = None) -> tuple[list[float], str]:
-        """(ratios, where they come from) that a job of ``steps`` plans from with this choice.
 
-        ``resolution``: the job's frame resolution ((height + width) / 2), else this app's.
-        """
-        profile = self.load(choice)
-        if profile is None:
-            return magcache_core.library_ratios(self.variant, resolution or self.resolution, int(steps), resample)
-        return list(profile.ratios), f"your profile {self.choice_for(self.path_for(choice))}"
+
+def plan_config(catalog: ProfileCatalog, settings: JobSettings, profile_choice: str | None,
+                resolution: float | None = None) -> magcache_core.MagCacheConfig:
+    """The MagCache config a job of ``settings`` runs with this table choice: the page plans from it too.
+
+    It is :func:`magcache_framepack.job.magcache_config`, the function the job
+    itself plans with, on the same table (the chosen profile's file, else the
+    library's table for the frames), so the plan the page shows is the plan that
+    runs.  ``resolution``: the job's frame resolution; None before an image is
+    known (this app's default frames).  A refused profile raises ValueError.
+    """
+    from magcache_framepack.job import magcache_config
+
+    path = catalog.path_for(profile_choice)
+    if path is not None:
+        catalog.load(profile_choice)      # refuses as a Start would, naming the file
+    settings = dataclasses.replace(settings, mag_ratios=str(path) if path is not None else None)
+    return magcache_config(settings, catalog.variant, catalog.model, resolution or catalog.resolution)
+
+
+def table_source(catalog: ProfileCatalog, profile_choice: str | None, config: magcache_core.MagCacheConfig) -> str:
+    """Where the page says a plan's ratios come from: the user's profile, or the library's sentence."""
+    if config.profile is None:
+        return config.source or ""
+    return f"your profile {catalog.choice_for(catalog.path_for(profile_choice))}"
 
 
 def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str, str, str, str | None]:
@@ -234,22 +250,27 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
     if message is not None:
         return message
     try:
-        ratios, source = catalog.table(profile_choice, int(steps), resample, resolution)
-        plan = skip_plan(ratios, int(steps), magcache_thresh, magcache_K, retention_ratio, cfg, resample)
-        chosen = catalog.path_for(profile_choice) is not None
+        settings = JobSettings(prompt="", steps=int(steps), magcache_thresh=float(magcache_thresh),
+                               magcache_K=int(round(float(magcache_K))), retention_ratio=float(retention_ratio),
+                               cfg=float(cfg), resample=str(resample))
+        config = plan_config(catalog, settings, profile_choice, resolution)
     except ValueError as exc:
         return message_html(f"No plan: {exc}")
-    return plan_panel(plan, source, chosen, int(steps), resolution, catalog.resolution)
+    plan = SkipPlan(tuple(config.schedule()), branches=2 if float(cfg) > 1.0 else 1)
+    return plan_panel(plan, table_source(catalog, profile_choice, config), config.profile is not None, int(steps),
+                      resolution, catalog.resolution)
 
 
 def ratios_chart_html(catalog: ProfileCatalog, profile_choice: str | None, steps: int = 25,
                       resample: str = "magnitude", resolution: float | None = None) -> str:
     """Chart of the ratio table in use (the library's when the choice is refused), next to the published one."""
+    settings = JobSettings(prompt="", steps=int(steps), resample=resample)
     try:
-        ratios, source = catalog.table(profile_choice, steps, resample, resolution)
+        config = plan_config(catalog, settings, profile_choice, resolution)
     except ValueError:
-        ratios, source = catalog.table(LIBRARY, steps, resample, resolution)
-    return ratios_in_use_chart(catalog.variant, ratios, source)
+        profile_choice = LIBRARY
+        config = plan_config(catalog, settings, LIBRARY, resolution)
+    return ratios_in_use_chart(catalog.variant, config.mag_ratios, table_source(catalog, profile_choice, config))
 
 
 # ---------------------------------------------------------------------------
@@ -757,14 +778,17 @@ class AppEvents:
                                    image, str(input_image), mag_ratios)
 
     def job_plan(self, settings: JobSettings, profile_choice: str | None, resolution: float) -> dict[str, Any]:
-        """The plan this job runs in every section, and the table it comes from (as the page shows it)."""
+        """The plan this job runs in every section, and the table it comes from (as the page shows it).
+
+        :func:`plan_config` is the job's own route to its plan, so this is the plan the job runs; the
+        report replaces it with the plan the video's record says ran once the job ends.
+        """
         if settings.cache != "magcache" or settings.calibrate:
             return {"skipped": [False] * settings.steps, "ratio_source": None,
                     "computed_steps": list(range(settings.steps))}
-        ratios, source = self.catalog.table(profile_choice, settings.steps, settings.resample, resolution)
-        skipped = magcache_core.skip_schedule(ratios, settings.steps, settings.magcache_thresh,
-                                              settings.magcache_K, settings.retention_ratio, settings.resample)
-        return {"skipped": skipped, "ratio_source": source,
+        config = plan_config(self.catalog, settings, profile_choice, resolution)
+        skipped = config.schedule()
+        return {"skipped": skipped, "ratio_source": table_source(self.catalog, profile_choice, config),
                 "computed_steps": [t for t, s in enumerate(skipped) if not s]}
 
     def stream_job(self, sess: SessionJobs, settings: JobSettings, image: Any, image_path: str,
@@ -815,9 +839,6 @@ class AppEvents:
         stream.sections[:] = list(result.sections) or stream.sections
         ran = (result.record or {}).get("magcache") or {}
         if "plan" in ran:       # the report says what ran, from the video's own record
-            if ran["computed_steps"] != plan_info["computed_steps"]:
-                logger.warning("the job ran another plan than the page showed: computed %s, shown %s",
-                               ran["computed_steps"], plan_info["computed_steps"])
             plan_info = {"skipped": [step == "skip" for step in ran["plan"]],
                          "ratio_source": ran["ratio_source"], "computed_steps": ran["computed_steps"]}
         if result.status == "error":
