@@ -31,9 +31,8 @@ import pytest
 from PIL import Image
 
 from magcache_framepack.app import (CUSTOM_PRESET, GENERATE_OUTPUTS, Job, ProfileCatalog, SessionJobs, StepClock,
-                                    run_job_thread, build_ui, eta_seconds, format_duration, image_frame_resolution,
-                                    launch, main, plan_panel_html, preset_for, preset_values, profile_selection,
-                                    skip_plan_text, video_path_from_output)
+                                    build_ui, eta_seconds, format_duration, image_frame_resolution, launch, main,
+                                    plan_panel_html, preset_for, preset_values, profile_selection, run_job_thread)
 import magcache_core
 from conftest import library_choice, library_plan_ratios
 
@@ -76,6 +75,23 @@ def reference_skips(ratios: list[float], thresh: float, k: int, retention: float
     return out
 
 
+def plan_summary(panel: str) -> str:
+    """The plan panel's bold summary line, as the page shows it."""
+    match = re.search(r'<div class="mc-plan-summary"><b>(.*?)</b>', panel)
+    assert match, panel
+    return html.unescape(match.group(1))
+
+
+def video_file(output: Any) -> str | None:
+    """The file path in the video output as gradio_client returns it: the path itself (2.x, Gradio 6), or
+    ``{"video": path or a FileData dict, "subtitles": None}`` (1.x, Gradio 5)."""
+    if isinstance(output, dict):
+        output = output.get("video")
+        if isinstance(output, dict):
+            output = output.get("path")
+    return str(output) if output else None
+
+
 def decoded_frames(path: str) -> int:
     with av.open(path) as container:
         return sum(1 for _ in container.decode(video=0))
@@ -88,13 +104,19 @@ def decoded_frames(path: str) -> int:
 @pytest.mark.parametrize("variant", ["framepack", "f1"])
 @pytest.mark.parametrize("thresh,k,retention", [(0.10, 3, 0.2), (0.15, 4, 0.2), (0.0, 3, 0.2), (0.3, 5, 0.0),
                                                 (0.25, 2, 0.5)])
-def test_skip_plan_text_counts(variant: str, thresh: float, k: int, retention: float) -> None:
+def test_plan_panel_counts_the_passes(tmp_path: pathlib.Path, variant: str, thresh: float, k: int,
+                                      retention: float) -> None:
+    """The plan panel's line counts the passes MagCache's rule computes on the table in use (here a profile
+    holding the published 25-step table, so no resampling is involved)."""
     ratios = list(magcache_core.VARIANT_MAG_RATIOS[variant])
+    write_profile(tmp_path, "published.json", variant, ratios)
+    catalog = ProfileCatalog(variant, tmp_path)
     computed = reference_skips(ratios, thresh, k, retention).count(False)
-    text = skip_plan_text(ratios, 25, thresh, k, retention)
+    text = plan_summary(plan_panel_html(catalog, "magcache", 25, thresh, k, retention, "published.json", False))
     assert text.startswith(f"{computed} of 25 transformer passes, about {25 / computed:.2f}x faster")
     # real CFG doubles the passes, not the ratio
-    text = skip_plan_text(ratios, 25, thresh, k, retention, cfg=3.0)
+    text = plan_summary(plan_panel_html(catalog, "magcache", 25, thresh, k, retention, "published.json", False,
+                                        cfg=3.0))
     assert text.startswith(f"{2 * computed} of 50 transformer passes, about {25 / computed:.2f}x faster")
 
 
@@ -540,7 +562,7 @@ class Server:
         result = client.predict(input_image=handle_file(str(self.image)), api_name="/generate",
                                 **{"prompt": "a cat walks", **inputs})
         out = dict(zip(GENERATE_OUTPUTS, result, strict=True))
-        out["video_file"] = video_path_from_output(out["video"])
+        out["video_file"] = video_file(out["video"])
         return out
 
 

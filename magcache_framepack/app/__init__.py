@@ -58,8 +58,7 @@ Numbers are moved into ``LIMITS`` before the job runs (Gradio 6
 refuses an API value beyond a slider's range itself), and the report's
 ``settings`` and ``plan`` say what ran.
 Outputs, in :data:`GENERATE_OUTPUTS` order: the final MP4 (a path with
-gradio_client 2.x, ``{"video": path, "subtitles": None}`` with 1.x;
-:func:`video_path_from_output` takes either), the job report (a dict, see
+gradio_client 2.x, ``{"video": path, "subtitles": None}`` with 1.x), the job report (a dict, see
 :func:`~magcache_framepack.app.views.job_report`: status "done" | "stopped" |
 "error", message, per-section computed/skipped step indices and seconds, total
 seconds, saved profile), the summary (Markdown), the preview (None at the end)
@@ -73,12 +72,11 @@ from magcache_framepack.app.handlers import (Job, ProfileCatalog, SessionJobs, S
 from magcache_framepack.app.layout import build_ui
 from magcache_framepack.app.serve import APP_DIR, build_parser, launch, main, main_f1, main_framepack
 from magcache_framepack.app.views import (CUSTOM_PRESET, GENERATE_OUTPUTS, LIBRARY, QUICK_PROMPTS, eta_seconds,
-                                          format_duration, preset_for, preset_values, skip_plan_text,
-                                          video_path_from_output)
+                                          format_duration, preset_for, preset_values)
 
 __all__ = [
     "APP_DIR", "CUSTOM_PRESET", "GENERATE_OUTPUTS", "LIBRARY", "QUICK_PROMPTS", "Job", "ProfileCatalog",
     "SessionJobs", "StepClock", "build_parser", "build_ui", "eta_seconds", "format_duration",
     "image_frame_resolution", "launch", "main", "main_f1", "main_framepack", "plan_panel_html", "preset_for",
-    "preset_values", "profile_selection", "run_job_thread", "skip_plan_text", "video_path_from_output",
+    "preset_values", "profile_selection", "run_job_thread",
 ]

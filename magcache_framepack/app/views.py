@@ -91,23 +91,6 @@ class SkipPlan:
                 f"about {self.speedup:.2f}x faster")
 
 
-def skip_plan(mag_ratios: Sequence[float], steps: int, magcache_thresh: float, magcache_K: int,
-              retention_ratio: float, cfg: float = 1.0, resample: str = "magnitude") -> SkipPlan:
-    """The plan a MagCache job with these settings runs in every section.
-
-    Only :func:`magcache_core.skip_schedule` decides; this adds the CFG branch count.
-    """
-    plan = magcache_core.skip_schedule(mag_ratios, int(steps), float(magcache_thresh),
-                                       int(round(float(magcache_K))), float(retention_ratio), resample)
-    return SkipPlan(tuple(plan), branches=2 if float(cfg) > 1.0 else 1)
-
-
-def skip_plan_text(mag_ratios: Sequence[float], steps: int, magcache_thresh: float, magcache_K: int,
-                   retention_ratio: float, cfg: float = 1.0) -> str:
-    """``"N of M transformer passes, about X.XXx faster"`` for one section."""
-    return skip_plan(mag_ratios, steps, magcache_thresh, magcache_K, retention_ratio, cfg).text()
-
-
 def skip_plan_html(plan: SkipPlan) -> str:
     """A strip with one cell per step (computed: dark, skipped: light) and the pass count."""
     cells = []
@@ -319,19 +302,6 @@ def job_report(result: Any | None, sections: Sequence[Any], *, status: str, mess
         report.update(video=result.video_path, seconds=round(float(result.seconds), 3),
                       profile=result.profile_path, summary=list(result.summary_lines()))
     return report
-
-
-def video_path_from_output(value: Any) -> str | None:
-    """The file path in a video output as gradio_client returns it.
-
-    gradio_client 1.x (Gradio 5) returns ``{"video": path, "subtitles": None}``;
-    2.x (Gradio 6) returns the path itself.
-    """
-    if isinstance(value, dict):
-        value = value.get("video")
-        if isinstance(value, dict):   # a FileData dict
-            value = value.get("path")
-    return str(value) if value else None
 
 
 def summary_markdown(lines: Sequence[str]) -> str:
