@@ -133,8 +133,8 @@ def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path, resolu
         assert panel.count('class="mc-step mc-run"') == steps - sum(schedule)
         assert f"{steps - sum(schedule)} of {steps} transformer passes" in panel
         table_res, table_steps, _ = library_choice("framepack", resolution, steps)
-        assert f"Ratio table: {'published MagCache table' if (table_res, table_steps) == (640, 25) else 'FramePack-Studio'}, " \
-               f"{table_res} px, {table_steps} steps" in panel
+        where = "published MagCache table" if (table_res, table_steps) == (640, 25) else "FramePack-Studio"
+        assert f"Ratio table: {where}, {table_res} px, {table_steps} steps" in panel
     assert "no MagCache plan applies" in plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
     assert "no MagCache plan applies" in plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
     assert "nothing skipped" in plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
@@ -342,18 +342,21 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout
 def test_imports_have_no_side_effects() -> None:
     """Importing the demo scripts or the app module loads no model, builds no UI, starts nothing.
 
-    The app module imports gradio only inside the functions that build or serve the
-    UI, so "gradio was not imported" proves no Blocks and no server could exist.
+    The app imports gradio only inside the functions that build or serve the
+    UI, so "gradio was not imported" proves no Blocks and no server could exist;
+    nor huggingface_hub, which reads HF_HOME once, at import, before main() sets it.
     """
-    code = textwrap.dedent("""
+    app_modules = ("magcache_framepack.app", "magcache_framepack.app.views", "magcache_framepack.app.handlers",
+                   "magcache_framepack.app.layout", "magcache_framepack.app.serve")
+    code = textwrap.dedent(f"""
         import importlib, json, os, sys, threading
         sys.argv = ["demo", "--not-an-option"]      # argparse would exit if anything parsed argv
         hf_home = os.environ.get("HF_HOME")
-        report = {}
+        report = {{}}
         for name in ("magcache_demo_gradio", "magcache_demo_gradio_f1"):
             report[name] = importlib.import_module(name).VARIANT
-        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", "magcache_framepack.app")
-                                             if m in sys.modules)
+        app = {app_modules!r}
+        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", *app) if m in sys.modules)
 
         from magcache_framepack import job, models
         calls = []
@@ -361,9 +364,11 @@ def test_imports_have_no_side_effects() -> None:
         models.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
         threads = set(threading.enumerate())
         import magcache_framepack.app
+        report["app_modules"] = sorted(m for m in app if m in sys.modules)
         report["calls"] = calls
         report["new_threads"] = [t.name for t in threading.enumerate() if t not in threads]
         report["gradio_imported"] = "gradio" in sys.modules
+        report["hf_hub_imported"] = "huggingface_hub" in sys.modules
         report["hf_home_unchanged"] = os.environ.get("HF_HOME") == hf_home
         report["cuda_initialised"] = sys.modules["torch"].cuda.is_initialized()
         print(json.dumps(report))
@@ -374,8 +379,9 @@ def test_imports_have_no_side_effects() -> None:
     assert report["magcache_demo_gradio"] == "framepack"
     assert report["magcache_demo_gradio_f1"] == "f1"
     assert report["heavy_after_demos"] == []
+    assert report["app_modules"] == sorted(app_modules)        # the face imported every part, which did no work
     assert report["calls"] == [] and report["new_threads"] == []
-    assert not report["gradio_imported"]
+    assert not report["gradio_imported"] and not report["hf_hub_imported"]
     assert report["hf_home_unchanged"] and not report["cuda_initialised"]
 
 

@@ -54,6 +54,41 @@ def test_every_module_has_a_layer_and_imports_only_down() -> None:
     assert upward == []
 
 
+#: The app's modules, lowest first: inside the app, imports go down this list only.
+APP_ORDER = ("app.views", "app.handlers", "app.layout", "app.serve")
+APP = PACKAGE / "app"
+
+
+def test_the_app_imports_only_down_inside() -> None:
+    edges = graph()
+    assert {m for m in edges if m.startswith("app.")} == set(APP_ORDER)
+    rank = {m: i for i, m in enumerate(APP_ORDER)}
+    upward = [(m, d) for m in APP_ORDER for d in edges[m] if d in rank and rank[d] >= rank[m]]
+    assert upward == []
+    # the face only re-exports: every module it imports is one of the app's own
+    face = imports_of(APP / "__init__.py")
+    assert face <= set(APP_ORDER), face
+
+
+def test_the_app_views_are_pure() -> None:
+    """views imports no gradio and no threading, at module level or inside a function."""
+    tree = ast.parse((APP / "views.py").read_text(encoding="utf-8"))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not names & {"gradio", "threading", "queue"}, names
+
+
+def test_no_function_over_100_lines_in_the_app() -> None:
+    long = []
+    for path in sorted(APP.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == [], "split these along a seam you can name: " + "; ".join(long)
+
+
 def test_no_import_circle() -> None:
     edges = graph()
     seen: dict[str, int] = {}
