@@ -1,4 +1,4 @@
-"""The Gradio app (magcache_app.py and the two demo scripts), driven as users and API clients drive it.
+"""The Gradio app (magcache_framepack/app/ and the two demo scripts), driven as users and API clients drive it.
 
 Tiny random-weight models keep every job a CPU job of seconds: the videos are
 noise, but their length, the per-section skip report and the calibration
