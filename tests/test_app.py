@@ -497,6 +497,19 @@ def test_main_binds_loopback_and_warns_when_exposed(fake_main: dict[str, Any], t
     assert [r for r in caplog.records if "reachable" in r.getMessage()]
 
 
+def test_console_entry_points_read_the_command_line(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """main_framepack() and main_f1() (console scripts) take no arguments: they serve their variant with argv."""
+    from magcache_framepack.app import main_f1, main_framepack
+
+    for entry, variant in ((main_framepack, "framepack"), (main_f1, "f1")):
+        monkeypatch.setattr(sys, "argv", [f"magcache-{variant}", "--tiny", "--outputs", str(tmp_path / "out"),
+                                          "--port", "7998"])
+        entry()
+        assert fake_main["loads"][-1] == (variant, True) and fake_main["build"][1] == variant
+        assert fake_main["demo"].launched["server_port"] == 7998
+
+
 def test_main_refuses_a_bad_mag_ratios_file(fake_main: dict[str, Any], tmp_path: pathlib.Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     other = write_profile(tmp_path, "f1.json", "f1", list(magcache_core.FRAMEPACK_F1_MAG_RATIOS))
