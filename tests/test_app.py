@@ -1,4 +1,4 @@
-"""The Gradio app (magcache_app.py and the two demo scripts), driven as users and API clients drive it.
+"""The Gradio app (magcache_framepack/app/ and the two demo scripts), driven as users and API clients drive it.
 
 Tiny random-weight models keep every job a CPU job of seconds: the videos are
 noise, but their length, the per-section skip report and the calibration
@@ -31,9 +31,8 @@ import pytest
 from PIL import Image
 
 from magcache_framepack.app import (CUSTOM_PRESET, GENERATE_OUTPUTS, Job, ProfileCatalog, SessionJobs, StepClock,
-                                    _run_job_thread, build_ui, eta_seconds, format_duration, image_frame_resolution,
-                                    launch, main, plan_panel_html, preset_for, preset_values, profile_selection,
-                                    skip_plan_text, video_path_from_output)
+                                    build_ui, eta_seconds, format_duration, image_frame_resolution, launch, main,
+                                    plan_panel_html, preset_for, preset_values, profile_selection, run_job_thread)
 import magcache_core
 from conftest import library_choice, library_plan_ratios
 
@@ -76,6 +75,23 @@ def reference_skips(ratios: list[float], thresh: float, k: int, retention: float
     return out
 
 
+def plan_summary(panel: str) -> str:
+    """The plan panel's bold summary line, as the page shows it."""
+    match = re.search(r'<div class="mc-plan-summary"><b>(.*?)</b>', panel)
+    assert match, panel
+    return html.unescape(match.group(1))
+
+
+def video_file(output: Any) -> str | None:
+    """The file path in the video output as gradio_client returns it: the path itself (2.x, Gradio 6), or
+    ``{"video": path or a FileData dict, "subtitles": None}`` (1.x, Gradio 5)."""
+    if isinstance(output, dict):
+        output = output.get("video")
+        if isinstance(output, dict):
+            output = output.get("path")
+    return str(output) if output else None
+
+
 def decoded_frames(path: str) -> int:
     with av.open(path) as container:
         return sum(1 for _ in container.decode(video=0))
@@ -88,13 +104,19 @@ def decoded_frames(path: str) -> int:
 @pytest.mark.parametrize("variant", ["framepack", "f1"])
 @pytest.mark.parametrize("thresh,k,retention", [(0.10, 3, 0.2), (0.15, 4, 0.2), (0.0, 3, 0.2), (0.3, 5, 0.0),
                                                 (0.25, 2, 0.5)])
-def test_skip_plan_text_counts(variant: str, thresh: float, k: int, retention: float) -> None:
+def test_plan_panel_counts_the_passes(tmp_path: pathlib.Path, variant: str, thresh: float, k: int,
+                                      retention: float) -> None:
+    """The plan panel's line counts the passes MagCache's rule computes on the table in use (here a profile
+    holding the published 25-step table, so no resampling is involved)."""
     ratios = list(magcache_core.VARIANT_MAG_RATIOS[variant])
+    write_profile(tmp_path, "published.json", variant, ratios)
+    catalog = ProfileCatalog(variant, tmp_path)
     computed = reference_skips(ratios, thresh, k, retention).count(False)
-    text = skip_plan_text(ratios, 25, thresh, k, retention)
+    text = plan_summary(plan_panel_html(catalog, "magcache", 25, thresh, k, retention, "published.json", False))
     assert text.startswith(f"{computed} of 25 transformer passes, about {25 / computed:.2f}x faster")
     # real CFG doubles the passes, not the ratio
-    text = skip_plan_text(ratios, 25, thresh, k, retention, cfg=3.0)
+    text = plan_summary(plan_panel_html(catalog, "magcache", 25, thresh, k, retention, "published.json", False,
+                                        cfg=3.0))
     assert text.startswith(f"{2 * computed} of 50 transformer passes, about {25 / computed:.2f}x faster")
 
 
@@ -111,8 +133,8 @@ def test_skip_plan_panel_follows_the_run_schedule(tmp_path: pathlib.Path, resolu
         assert panel.count('class="mc-step mc-run"') == steps - sum(schedule)
         assert f"{steps - sum(schedule)} of {steps} transformer passes" in panel
         table_res, table_steps, _ = library_choice("framepack", resolution, steps)
-        assert f"Ratio table: {'published MagCache table' if (table_res, table_steps) == (640, 25) else 'FramePack-Studio'}, " \
-               f"{table_res} px, {table_steps} steps" in panel
+        where = "published MagCache table" if (table_res, table_steps) == (640, 25) else "FramePack-Studio"
+        assert f"Ratio table: {where}, {table_res} px, {table_steps} steps" in panel
     assert "no MagCache plan applies" in plan_panel_html(catalog, "teacache", 25, .1, 3, .2, "", False)
     assert "no MagCache plan applies" in plan_panel_html(catalog, "off", 25, .1, 3, .2, "", False)
     assert "nothing skipped" in plan_panel_html(catalog, "magcache", 25, .1, 3, .2, "", True)
@@ -289,14 +311,14 @@ def test_worker_always_reports(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(job_module, "run_job", explode)
     job, lock = Job(), threading.Lock()
-    _run_job_thread(job, lock, None, None, None, "out", "prof")
+    run_job_thread(job, lock, None, None, None, "out", "prof")
     kind, result = job.events.get_nowait()
     assert kind == "done" and result.status == "error" and "boom" in result.message
     assert not lock.locked()
 
     job = Job()
     lock.acquire()                                  # another session's job holds the GPU
-    worker = threading.Thread(target=_run_job_thread, args=(job, lock, None, None, None, "o", "p"))
+    worker = threading.Thread(target=run_job_thread, args=(job, lock, None, None, None, "o", "p"))
     worker.start()
     assert job.events.get(timeout=10) == ("waiting", None)
     job.stop.set()
@@ -320,18 +342,21 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout
 def test_imports_have_no_side_effects() -> None:
     """Importing the demo scripts or the app module loads no model, builds no UI, starts nothing.
 
-    The app module imports gradio only inside the functions that build or serve the
-    UI, so "gradio was not imported" proves no Blocks and no server could exist.
+    The app imports gradio only inside the functions that build or serve the
+    UI, so "gradio was not imported" proves no Blocks and no server could exist;
+    nor huggingface_hub, which reads HF_HOME once, at import, before main() sets it.
     """
-    code = textwrap.dedent("""
+    app_modules = ("magcache_framepack.app", "magcache_framepack.app.views", "magcache_framepack.app.handlers",
+                   "magcache_framepack.app.layout", "magcache_framepack.app.serve")
+    code = textwrap.dedent(f"""
         import importlib, json, os, sys, threading
         sys.argv = ["demo", "--not-an-option"]      # argparse would exit if anything parsed argv
         hf_home = os.environ.get("HF_HOME")
-        report = {}
+        report = {{}}
         for name in ("magcache_demo_gradio", "magcache_demo_gradio_f1"):
             report[name] = importlib.import_module(name).VARIANT
-        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", "magcache_framepack.app")
-                                             if m in sys.modules)
+        app = {app_modules!r}
+        report["heavy_after_demos"] = sorted(m for m in ("gradio", "torch", *app) if m in sys.modules)
 
         from magcache_framepack import job, models
         calls = []
@@ -339,9 +364,11 @@ def test_imports_have_no_side_effects() -> None:
         models.build_tiny_models = lambda *a, **k: calls.append("build_tiny_models")
         threads = set(threading.enumerate())
         import magcache_framepack.app
+        report["app_modules"] = sorted(m for m in app if m in sys.modules)
         report["calls"] = calls
         report["new_threads"] = [t.name for t in threading.enumerate() if t not in threads]
         report["gradio_imported"] = "gradio" in sys.modules
+        report["hf_hub_imported"] = "huggingface_hub" in sys.modules
         report["hf_home_unchanged"] = os.environ.get("HF_HOME") == hf_home
         report["cuda_initialised"] = sys.modules["torch"].cuda.is_initialized()
         print(json.dumps(report))
@@ -352,8 +379,9 @@ def test_imports_have_no_side_effects() -> None:
     assert report["magcache_demo_gradio"] == "framepack"
     assert report["magcache_demo_gradio_f1"] == "f1"
     assert report["heavy_after_demos"] == []
+    assert report["app_modules"] == sorted(app_modules)        # the face imported every part, which did no work
     assert report["calls"] == [] and report["new_threads"] == []
-    assert not report["gradio_imported"]
+    assert not report["gradio_imported"] and not report["hf_hub_imported"]
     assert report["hf_home_unchanged"] and not report["cuda_initialised"]
 
 
@@ -423,7 +451,8 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """main() with the model loading, UI building and server replaced by recorders."""
     import torch
 
-    from magcache_framepack import app as app_module, models as models_module
+    from magcache_framepack import models as models_module
+    from magcache_framepack.app import serve as app_module
 
     seen: dict[str, Any] = {"loads": []}
     demo = FakeDemo()
@@ -466,6 +495,19 @@ def test_main_binds_loopback_and_warns_when_exposed(fake_main: dict[str, Any], t
         main("framepack", ["--tiny", "--server", "0.0.0.0", "--outputs", str(outputs)])
     assert fake_main["demo"].launched["server_name"] == "0.0.0.0"
     assert [r for r in caplog.records if "reachable" in r.getMessage()]
+
+
+def test_console_entry_points_read_the_command_line(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """main_framepack() and main_f1() (console scripts) take no arguments: they serve their variant with argv."""
+    from magcache_framepack.app import main_f1, main_framepack
+
+    for entry, variant in ((main_framepack, "framepack"), (main_f1, "f1")):
+        monkeypatch.setattr(sys, "argv", [f"magcache-{variant}", "--tiny", "--outputs", str(tmp_path / "out"),
+                                          "--port", "7998"])
+        entry()
+        assert fake_main["loads"][-1] == (variant, True) and fake_main["build"][1] == variant
+        assert fake_main["demo"].launched["server_port"] == 7998
 
 
 def test_main_refuses_a_bad_mag_ratios_file(fake_main: dict[str, Any], tmp_path: pathlib.Path,
@@ -539,7 +581,7 @@ class Server:
         result = client.predict(input_image=handle_file(str(self.image)), api_name="/generate",
                                 **{"prompt": "a cat walks", **inputs})
         out = dict(zip(GENERATE_OUTPUTS, result, strict=True))
-        out["video_file"] = video_path_from_output(out["video"])
+        out["video_file"] = video_file(out["video"])
         return out
 
 
@@ -680,6 +722,34 @@ def test_a_profile_made_for_this_job_is_offered_first(tmp_path: pathlib.Path) ->
     assert [value for _, value in catalog.choices(30)] == \
         ["a_other_steps.json", "library", "b_other_size.json", "c_this_job.json"]
     assert "1 measured on lllyasviel/FramePackI2V_HY" in catalog.left_out()
+
+
+def test_a_profile_of_the_same_checkpoint_under_another_name_is_offered(tmp_path: pathlib.Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog accepts what the engine accepts: a profile calibrated on the same checkpoint is offered
+    whatever name its model was loaded under (a Hub-cache snapshot path, the Hub id diffusers' class records,
+    an alias of it); one of another checkpoint is left out and counted."""
+    repo = "lllyasviel/FramePackI2V_HY"
+    snapshot = "/hf/hub/models--lllyasviel--FramePackI2V_HY/snapshots/0123abc"
+
+    def profile(name: str, model: str) -> None:
+        magcache_core.MagCacheProfile(variant="framepack", num_steps=25, ratios=[1.0] * 25,
+                                      model=model).save(tmp_path / name)
+
+    profile("a_hub_cache.json", snapshot)                 # FramePack's packed model, from a local snapshot
+    profile("b_hub_id.json", repo)                        # diffusers' model, from the Hub id
+    profile("c_alias.json", "someone/framepack-diffusers")
+    profile("d_f1.json", "lllyasviel/FramePack_F1_I2V_HY_20250503")
+    monkeypatch.setitem(magcache_core.CHECKPOINT_ALIASES, "someone/framepack-diffusers", repo)
+    for model in (repo, snapshot):
+        catalog = ProfileCatalog("framepack", tmp_path, model=model)
+        assert [value for _, value in catalog.choices()] == \
+            ["library", "a_hub_cache.json", "b_hub_id.json", "c_alias.json"]
+        assert catalog.left_out().endswith("1 measured on lllyasviel/FramePack_F1_I2V_HY_20250503.")
+        for name in ("a_hub_cache.json", "b_hub_id.json", "c_alias.json"):
+            assert profile_selection(catalog, name)[3] is None            # selected, not refused
+            panel = plan_panel_html(catalog, "magcache", 25, 0.1, 3, 0.2, name, False)
+            assert f"Ratio table: your profile {name} (chosen by you)" in panel
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from magcache_framepack.app import QUICK_PROMPTS, build_ui, launch, skip_plan_text
+from magcache_framepack.app import QUICK_PROMPTS, build_ui, launch
 import magcache_core
 from conftest import library_plan_ratios
 
@@ -75,6 +75,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     demo.close()
 
 
+def expected_plan_text(ratios: list[float], steps: int, thresh: float, k: int, retention: float) -> str:
+    """The plan line the page should show: the engine's schedule on the table, counted and worded here."""
+    computed = magcache_core.skip_schedule(ratios, steps, thresh, k, retention).count(False)
+    return f"{computed} of {steps} transformer passes, about {steps / computed:.2f}x faster"
+
+
 def plan_text(page: Any) -> str:
     return page.locator("#skip-plan .mc-plan-summary").inner_text().strip()
 
@@ -106,7 +112,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     def ratios(steps: int) -> list[float]:
         return library_plan_ratios("framepack", 128, 128, steps)
 
-    assert plan_text(page).startswith(skip_plan_text(ratios(25), 25, 0.10, 3, 0.2))
+    assert plan_text(page).startswith(expected_plan_text(ratios(25), 25, 0.10, 3, 0.2))
     assert "Ratio table: FramePack-Studio, 128 px, 25 steps" in page.locator("#skip-plan").inner_text()
 
     # a profile calibrated for F1 is not offered; the line under the dropdown says why
@@ -134,10 +140,10 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
 
     # a preset sets the sliders; moving a slider re-plans at once and the preset becomes "Custom"
     page.locator("#preset").get_by_text("E015K4R02").click()
-    wait_plan(page, skip_plan_text(ratios(25), 25, 0.15, 4, 0.2))
+    wait_plan(page, expected_plan_text(ratios(25), 25, 0.15, 4, 0.2))
     assert page.locator("#magcache-k input[type=number]").input_value() == "4"
     set_slider(page, "magcache-thresh", 0.3)
-    wait_plan(page, skip_plan_text(ratios(25), 25, 0.3, 4, 0.2))
+    wait_plan(page, expected_plan_text(ratios(25), 25, 0.3, 4, 0.2))
     page.locator("#preset input[value='Custom']:checked").wait_for()
     set_slider(page, "total-length", 1)   # one section of FramePack's 9-latent window
 
@@ -149,7 +155,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     assert page.locator("#steps input[type=number]").input_value() == "100"
     assert float(page.locator("#retention input[type=number]").input_value()) == 0.99
     plan = magcache_core.skip_schedule(ratios(100), 100, 0.3, 4, 0.99)
-    assert plan_text(page).startswith(skip_plan_text(ratios(100), 100, 0.3, 4, 0.99))
+    assert plan_text(page).startswith(expected_plan_text(ratios(100), 100, 0.3, 4, 0.99))
     assert plan_cells(page) == plan                      # the strip on the page is the plan that ran
     skipped = [t for t, s in enumerate(plan) if s]
     summary = page.locator("#job-summary").inner_text()
@@ -159,7 +165,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     # back to a small job: the plan follows the sliders again
     set_slider(page, "steps", 8)
     set_slider(page, "retention", 0.2)
-    wait_plan(page, skip_plan_text(ratios(8), 8, 0.3, 4, 0.2))
+    wait_plan(page, expected_plan_text(ratios(8), 8, 0.3, 4, 0.2))
     assert page.locator("#skip-plan .mc-step").count() == 8
     page.locator("#start").click()
     page.wait_for_function("() => document.querySelector('#job-summary').innerText.includes('/8 steps')",
@@ -218,7 +224,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     page.locator("#calibrate input").uncheck()
     # the new profile is selected by itself, and plans the next job
     assert saved[0].name in page.locator("#profile input").input_value()
-    wait_plan(page, skip_plan_text(profile.ratios, 8, 0.3, 4, 0.2))
+    wait_plan(page, expected_plan_text(profile.ratios, 8, 0.3, 4, 0.2))
     assert f"Ratio table: your profile {saved[0].name}" in page.locator("#skip-plan").inner_text()
     assert saved[0].name in page.locator("#profile-status").inner_text()     # the full name, not clipped
     page.locator("#profile input").click()

@@ -18,9 +18,11 @@ PACKAGE = ROOT / "magcache_framepack"
 #: The layers the package docstring states, lowest first.
 LAYERS = {
     "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "jobfiles": 4,
-    "runners.local": 5, "runners.ray": 5, "app": 6, "cli": 6,
+    "runners.local": 5, "runners.ray": 5, "cli": 6,
     "bench.report": 6, "bench.speed": 6, "bench.quality": 6, "bench.sweep": 6, "bench.ratios": 6,
     "bench.ray_pool": 6,
+    # the app is a subpackage, all of it layer 6 (its face, app/__init__.py, is not walked: it only re-exports)
+    "app.views": 6, "app.handlers": 6, "app.layout": 6, "app.serve": 6,
 }
 
 #: Within the bench, the one import a tool makes of another tool (the shared ``bench.report`` aside).
@@ -57,6 +59,41 @@ def test_every_module_has_a_layer_and_imports_only_down() -> None:
     assert set(edges) == set(LAYERS), "a module without a layer: add it to the package docstring and LAYERS"
     upward = [(m, d) for m, deps in edges.items() for d in deps if LAYERS[d] > LAYERS[m]]
     assert upward == []
+
+
+#: The app's modules, lowest first: inside the app, imports go down this list only.
+APP_ORDER = ("app.views", "app.handlers", "app.layout", "app.serve")
+APP = PACKAGE / "app"
+
+
+def test_the_app_imports_only_down_inside() -> None:
+    edges = graph()
+    assert {m for m in edges if m.startswith("app.")} == set(APP_ORDER)
+    rank = {m: i for i, m in enumerate(APP_ORDER)}
+    upward = [(m, d) for m in APP_ORDER for d in edges[m] if d in rank and rank[d] >= rank[m]]
+    assert upward == []
+    # the face only re-exports: every module it imports is one of the app's own
+    face = imports_of(APP / "__init__.py")
+    assert face <= set(APP_ORDER), face
+
+
+def test_the_app_views_are_pure() -> None:
+    """views imports no gradio and no threading, at module level or inside a function."""
+    tree = ast.parse((APP / "views.py").read_text(encoding="utf-8"))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not names & {"gradio", "threading", "queue"}, names
+
+
+def test_no_function_over_100_lines_in_the_app() -> None:
+    long = []
+    for path in sorted(APP.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == [], "split these along a seam you can name: " + "; ".join(long)
 
 
 def test_no_import_circle() -> None:

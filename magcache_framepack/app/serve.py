@@ -1,0 +1,147 @@
+"""Serving the app: its command line, the server, and ``main`` (what the demo scripts run).
+
+``main()`` does all the work importing the package does not: it parses argv,
+sets ``HF_HOME`` before anything imports huggingface_hub, loads the models (or
+starts the Ray pool) and serves the page that
+:func:`~magcache_framepack.app.layout.build_ui` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from magcache_framepack.app.handlers import ProfileCatalog
+from magcache_framepack.app.layout import build_ui
+
+if TYPE_CHECKING:  # imported for annotations only; see the package docstring
+    import gradio as gr
+
+logger = logging.getLogger(__name__)
+
+#: The checkout the package sits in, beside the demos: models download to its hf_download/ by default.
+APP_DIR = pathlib.Path(__file__).resolve().parents[2]
+
+
+def build_parser(variant: str) -> argparse.ArgumentParser:
+    """The app's command line; the description names the variant as the page does."""
+    from magcache_framepack.models import get_variant
+
+    title = get_variant(variant).title
+    parser = argparse.ArgumentParser(
+        description=f"{title} with MagCache: the FramePack web app plus MagCache's cache controls.")
+    parser.add_argument("--share", action="store_true",
+                        help="also publish the app through a public Gradio share link")
+    parser.add_argument("--server", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 = every "
+                             "network interface)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
+    parser.add_argument("--inbrowser", action="store_true", help="open the app in the default browser")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random-weight models on the CPU: no GPU, no download, the video is noise")
+    parser.add_argument("--mag-ratios", metavar="FILE", default=None,
+                        help="preselect this saved calibration profile (JSON) instead of the published ratios")
+    parser.add_argument("--outputs", metavar="DIR", default="outputs",
+                        help="folder for videos (default ./outputs)")
+    parser.add_argument("--profiles", metavar="DIR", default="magcache_profiles",
+                        help="folder of calibration profiles (default ./magcache_profiles)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", default=None,
+                        help="run the jobs on a pool of Ray workers, one per GPU (several sessions at once); "
+                             "without ADDRESS a local Ray, else a cluster ('auto' or host:port). "
+                             "Needs: pip install -r requirements-ray.txt")
+    parser.add_argument("--workers", type=int, metavar="N", default=None,
+                        help="with --ray: number of workers (default one per GPU; with --tiny 2 CPU workers)")
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (the address the app listens on by default)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def launch(demo: gr.Blocks, *, server_name: str = "127.0.0.1", server_port: int | None = None,
+           share: bool = False, inbrowser: bool = False, outputs_dir: str | os.PathLike[str] = "outputs",
+           prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
+    """Start the server (shared by main() and the tests); only ``outputs_dir`` is served as files."""
+    if share or not _is_loopback(server_name):
+        logger.warning("The app is reachable beyond this machine (%s): anyone who can open it can run jobs "
+                       "on this GPU and read every video (and input image) in the outputs folder.",
+                       "public share link" if share else f"listening on {server_name}")
+    os.makedirs(outputs_dir, exist_ok=True)
+    return demo.launch(server_name=server_name, server_port=server_port, share=share, inbrowser=inbrowser,
+                       allowed_paths=[str(pathlib.Path(outputs_dir).resolve())],
+                       prevent_thread_lock=prevent_thread_lock, quiet=quiet, ssr_mode=False)
+
+
+def main(variant: str, argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv``, load the models of ``variant`` ("framepack" or "f1") and serve the app."""
+    parser = build_parser(variant)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
+    os.environ.setdefault("HF_HOME", str(APP_DIR / "hf_download"))
+
+    from magcache_framepack.models import load_models, model_id
+    import torch
+
+    if args.mag_ratios:
+        try:
+            catalog = ProfileCatalog(variant, args.profiles, extra=args.mag_ratios,
+                                     model=model_id(variant, args.tiny))
+            catalog.load(catalog.choice_for(args.mag_ratios))
+        except ValueError as exc:
+            parser.error(f"--mag-ratios {args.mag_ratios}: {exc}")
+
+    if not args.tiny and not torch.cuda.is_available() and args.ray is None:
+        sys.exit(f"{parser.prog}: no CUDA GPU found. FramePack needs an NVIDIA GPU with CUDA. "
+                 "To try the app without one, add --tiny (tiny random models on the CPU; the video is noise).")
+
+    models = runner = None
+    if args.ray is not None:
+        runner = _ray_runner(parser, args, variant)
+    else:
+        logger.info("Loading %s models%s ...", variant, " (tiny, random weights)" if args.tiny else "")
+        try:
+            models = load_models(variant, tiny=args.tiny)
+        except (RuntimeError, OSError) as exc:
+            sys.exit(f"{parser.prog}: could not load the {variant} models: {exc}")
+    demo = build_ui(models, variant, outputs_dir=args.outputs, profiles_dir=args.profiles,
+                    mag_ratios=args.mag_ratios, tiny=args.tiny, runner=runner)
+    launch(demo, server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
+           outputs_dir=args.outputs)
+
+
+def _ray_runner(parser: argparse.ArgumentParser, args: argparse.Namespace, variant: str) -> Any:
+    """--ray: the pool of Ray workers the app's jobs run on (the models load there, not here)."""
+    try:
+        from magcache_framepack.runners.ray import require_ray, start_app_runner
+        require_ray()
+    except ImportError as exc:
+        sys.exit(f"{parser.prog}: --ray: {exc}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        return start_app_runner(args.ray, variant, args.tiny, args.workers)
+    except (RuntimeError, ConnectionError) as exc:
+        sys.exit(f"{parser.prog}: --ray: {exc}")
+
+
+def main_framepack() -> None:
+    """Console-script entry point: the FramePack app, arguments from the command line."""
+    main("framepack")
+
+
+def main_f1() -> None:
+    """Console-script entry point: the FramePack-F1 app, arguments from the command line."""
+    main("f1")

@@ -1,0 +1,313 @@
+"""What the app's page shows, as pure functions of their inputs: presets, the skip plan, charts, reports.
+
+Nothing here imports gradio, starts a thread or keeps state: every function
+turns values into text, HTML, SVG or a dict, so each one is tested without a
+server, and the handlers (:mod:`magcache_framepack.app.handlers`) decide what
+to show when.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import re
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import magcache_core
+
+LIBRARY = "library"              # profile-dropdown value of the ratio library (a table per job)
+PUBLISHED = "published"          # the value older clients send for the same thing
+CUSTOM_PRESET = "Custom"
+CACHE_CHOICES: list[tuple[str, str]] = [("MagCache", "magcache"), ("TeaCache", "teacache"), ("Off", "off")]
+CACHE_LABELS = {value: label for label, value in CACHE_CHOICES}
+
+# What `Client.predict(..., api_name="/generate")` returns, in this order.
+GENERATE_OUTPUTS = ("video", "report", "summary", "preview", "progress")
+
+QUICK_PROMPTS = (
+    "The person turns toward the camera and smiles, hair moving softly in a light breeze.",
+    "Someone waves at the viewer, then laughs and claps twice.",
+    "A slow, calm camera push-in while the subject breathes and blinks.",
+)
+
+HELP = {
+    "thresh": "Error budget before a step must be computed. Higher = faster; lower = closer to the uncached video.",
+    "K": "Most steps in a row that may be skipped. Higher = faster; lower = closer to the uncached video.",
+    "retention": "Fraction of the first steps that always run exactly (they set the layout of the video). "
+                 "Lower = faster; higher = closer to the uncached video.",
+    "cfg": "Real CFG. Above 1 the transformer runs twice per step (with and without the prompt), so a job "
+           "takes about twice as long; the MagCache plan applies to both branches. FramePack keeps it at 1.",
+}
+
+
+def preset_values(name: str) -> tuple[float, int, float]:
+    """(magcache_thresh, magcache_K, retention_ratio) of a named preset."""
+    if name not in magcache_core.PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(magcache_core.PRESETS)}")
+    return magcache_core.PRESETS[name]
+
+
+def preset_for(magcache_thresh: float, magcache_K: float, retention_ratio: float) -> str:
+    """The preset these slider values are, or ``"Custom"``."""
+    for name, (thresh, k, retention) in magcache_core.PRESETS.items():
+        if (abs(float(magcache_thresh) - thresh) < 1e-6 and int(round(float(magcache_K))) == k
+                and abs(float(retention_ratio) - retention) < 1e-6):
+            return name
+    return CUSTOM_PRESET
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipPlan:
+    """One section's plan: ``skipped[t]`` is True when step t reuses the cached residual."""
+
+    skipped: tuple[bool, ...]
+    branches: int = 1    # transformer passes per computed step: 2 when real CFG > 1
+
+    @property
+    def steps(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def computed(self) -> int:
+        return self.skipped.count(False)
+
+    @property
+    def passes(self) -> int:
+        return self.computed * self.branches
+
+    @property
+    def total_passes(self) -> int:
+        return self.steps * self.branches
+
+    @property
+    def speedup(self) -> float:
+        # A skipped step costs almost nothing next to a transformer pass; "about" says so.
+        return self.steps / self.computed if self.computed else float("inf")
+
+    def text(self) -> str:
+        return (f"{self.passes} of {self.total_passes} transformer passes, "
+                f"about {self.speedup:.2f}x faster")
+
+
+def skip_plan_html(plan: SkipPlan) -> str:
+    """A strip with one cell per step (computed: dark, skipped: light) and the pass count."""
+    cells = []
+    for t, skipped in enumerate(plan.skipped):
+        what = "skipped: reuses the cached residual" if skipped else "computed"
+        style = ("background:#e5e7eb;color:#6b7280;border:1px dashed #9ca3af;" if skipped
+                 else "background:#2563eb;color:#fff;border:1px solid #1d4ed8;")
+        cells.append(
+            f'<div class="mc-step {"mc-skip" if skipped else "mc-run"}" title="step {t}: {what}" '
+            f'style="{style}min-width:1.7em;padding:2px 0;text-align:center;font:11px/1.4 monospace;'
+            f'border-radius:3px">{t}</div>')
+    branches = (" (real CFG &gt; 1: two passes per step; the plan applies to both)"
+                if plan.branches > 1 else "")
+    return (
+        '<div class="mc-plan">'
+        '<div style="display:flex;flex-wrap:wrap;gap:2px;margin-bottom:4px">' + "".join(cells) + "</div>"
+        f'<div class="mc-plan-summary"><b>{html.escape(plan.text())}</b> per section{branches}.</div>'
+        '<div style="font-size:12px;opacity:.8"><span style="color:#2563eb">&#9632;</span> computed '
+        '&nbsp;<span style="color:#9ca3af">&#9633;</span> skipped (cached residual reused); '
+        'numbers are step indices, as in the job report.</div>'
+        "</div>")
+
+
+def message_html(text: str) -> str:
+    """The plan panel when it shows a sentence instead of a plan."""
+    return f'<div class="mc-plan"><div class="mc-plan-summary">{html.escape(text)}</div></div>'
+
+
+def plan_message(cache: str, steps: int, calibrate: bool) -> str | None:
+    """The plan panel's sentence when no MagCache plan applies to these settings, else None."""
+    if cache == "teacache":
+        return message_html("TeaCache decides while it runs which steps to skip, so no MagCache plan "
+                            "applies; choose MagCache to see one.")
+    if cache == "off":
+        return message_html(f"Cache off: all {int(steps)} steps run the transformer; no MagCache plan applies.")
+    if calibrate:
+        return message_html(f"Calibration run: all {int(steps)} steps are computed (nothing skipped) while "
+                            "the magnitude ratios are measured.")
+    return None
+
+
+def plan_panel(plan: SkipPlan, source: str, chosen: bool, steps: int, resolution: float | None,
+               app_resolution: float) -> str:
+    """The plan strip and the line naming its ratio table and why that table (the user's, or the library's).
+
+    ``resolution`` is the job's frame resolution when its image is known, else None: the line then
+    names the app's default frames (``app_resolution``).
+    """
+    frames = (f"your image's {resolution:g} px frames" if resolution else
+              f"this app's {app_resolution:g} px frames (before an image is given)")
+    why = ("chosen by you" if chosen else
+           f"the library's nearest calibration to {frames} and {int(steps)} steps")
+    return skip_plan_html(plan) + (f'<div class="mc-table" style="font-size:12px;margin-top:2px">'
+                                   f'Ratio table: {html.escape(source)} ({html.escape(why)}).</div>')
+
+
+def profile_status_html(note: str = "", left_out: str = "") -> str:
+    """The line under the profile dropdown: ``note`` (the selected profile in full, or why it was
+    refused; ``**bold**`` allowed) and ``left_out`` (how many files were left out, and why)."""
+    parts = [html.escape(part, quote=False) for part in (note, left_out) if part]
+    if not parts:
+        return ""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", "<br>".join(parts))
+    return f'<div class="mc-profile-status" style="padding:4px 12px;font-size:13px">{text}</div>'
+
+
+def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: str,
+                     width: int = 460, height: int = 220) -> str:
+    """A small inline SVG line chart of magnitude ratios per step (no plotting library needed)."""
+    series = [(name, [float(v) for v in values], color) for name, values, color in series if values]
+    if not series:
+        return ""
+    title_lines = textwrap.wrap(title, width=max(20, (width - 20) // 6)) or [""]   # ~6 px per character
+    # the title, then one legend line per series, then the plot: nothing drawn over the curves
+    legend_top = 14 + 14 * len(title_lines)
+    left, right, top, bottom = 44, 10, legend_top + 14 * len(series) + 2, 30
+    height += top - 26          # the plot keeps its height however long the title and legend
+    lo = min(min(v) for _, v, _ in series)
+    hi = max(max(v) for _, v, _ in series)
+    pad = max((hi - lo) * 0.08, 0.01)
+    lo, hi = lo - pad, hi + pad
+    n_max = max(len(v) for _, v, _ in series)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x(step: float) -> float:
+        return left + (plot_w * step / (n_max - 1) if n_max > 1 else plot_w / 2)
+
+    def y(v: float) -> float:
+        return top + plot_h * (hi - v) / (hi - lo)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+             f'style="max-width:{width}px;font:11px sans-serif" role="img" aria-label="{html.escape(title)}">',
+             *(f'<text x="4" y="{14 + 14 * i}" font-weight="bold">{html.escape(line)}</text>'
+               for i, line in enumerate(title_lines)),
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#9ca3af"/>']
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e5e7eb"/>'
+                     f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for i in range(0, n_max, 5 if n_max > 12 else 1):
+        parts.append(f'<text x="{x(i):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{i}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">step</text>')
+    if lo < 1.0 < hi:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(1.0):.1f}" y2="{y(1.0):.1f}" '
+                     'stroke="#6b7280" stroke-dasharray="3 3"/>')
+    for k, (name, values, color) in enumerate(series):
+        # a table of another length is stretched over the same step axis (0 .. last step)
+        scale = (n_max - 1) / (len(values) - 1) if len(values) > 1 else 0.0
+        pts = " ".join(f"{x(i * scale):.1f},{y(v):.1f}" for i, v in enumerate(values))
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        lx = left + 8
+        ly = legend_top + 10 + 14 * k
+        parts.append(f'<line x1="{lx}" x2="{lx + 16}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="2"/>'
+                     f'<text x="{lx + 20}" y="{ly}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def ratios_in_use_chart(variant: str, ratios: Sequence[float], source: str) -> str:
+    """Chart of the ratio table in use, next to the published one of ``variant``."""
+    published = list(magcache_core.VARIANT_MAG_RATIOS[variant])
+    series = [(f"published ({variant}, 25 steps)", published, "#9ca3af"), ("in use", list(ratios), "#dc2626")]
+    return ratios_chart_svg(series, f"Ratios in use: {source}")
+
+
+def calibration_chart(variant: str, ratios: Sequence[float], saved_as: str) -> str:
+    """Chart of the ratios a calibration run just measured, next to the published ones."""
+    return ratios_chart_svg(
+        [(f"published ({variant})", list(magcache_core.VARIANT_MAG_RATIOS[variant]), "#9ca3af"),
+         ("this calibration", list(ratios), "#dc2626")],
+        f"Calibrated ratios saved as {saved_as}")
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"``."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def eta_seconds(skipped: Sequence[bool], sections_total: int, section: int, steps_done: int,
+                seconds_per_computed_step: float, seconds_per_section_overhead: float) -> float:
+    """Seconds left in a job whose plan is known.
+
+    A skipped step costs next to nothing, so only the computed steps still to
+    come count: those after ``steps_done`` in the current section and every
+    computed step of the sections after it, each at the measured seconds per
+    computed step, plus the measured per-section overhead (decode, MP4) for the
+    current and every later section.
+    """
+    per_section = sum(1 for s in skipped if not s)
+    left_here = sum(1 for s in skipped[steps_done:] if not s)
+    later = max(0, sections_total - section - 1)
+    return ((left_here + later * per_section) * seconds_per_computed_step
+            + (later + 1) * seconds_per_section_overhead)
+
+
+def progress_html(percent: float, label: str) -> str:
+    """The progress bar under the video: ``label`` above a bar ``percent`` full."""
+    percent = max(0.0, min(100.0, float(percent)))
+    return (
+        '<div class="mc-progress">'
+        f'<div style="font-size:13px;margin-bottom:3px">{html.escape(label)}</div>'
+        '<div style="background:#e5e7eb;border-radius:4px;height:10px;overflow:hidden">'
+        f'<div style="background:#2563eb;height:100%;width:{percent:.1f}%"></div></div></div>')
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """One section of the job report (a SectionReport as plain JSON values)."""
+    return {
+        "index": section.index,
+        "total": section.total,
+        "computed_steps": list(section.computed_steps),
+        "skipped_steps": list(section.skipped_steps),
+        "seconds": round(float(section.seconds), 3),
+        "frames": section.frames,
+        "video": section.video_path,
+    }
+
+
+def job_report(result: Any | None, sections: Sequence[Any], *, status: str, message: str,
+               settings: Any | None, variant: str, profile_choice: str | None,
+               plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The machine-readable job report shown in the UI and returned to API clients.
+
+    ``sections[i]["skipped_steps"]`` are the step indices (from 0) that MagCache
+    skipped in the i-th section generated; ``status`` is "running", "done",
+    "stopped" or "error" and ``message`` says why.  ``settings`` are the values
+    the job ran with (after clamping into the limits) and ``plan`` the skip plan
+    and ratio table it planned from.
+    """
+    fields = ("cache", "steps", "magcache_thresh", "magcache_K", "retention_ratio", "calibrate", "resample")
+    report: dict[str, Any] = {
+        "status": status,
+        "message": message,
+        "variant": variant,
+        "video": None,
+        "seconds": None,
+        **{name: getattr(settings, name, None) for name in fields},
+        "mag_ratios": profile_choice or LIBRARY,
+        "settings": dataclasses.asdict(settings) if settings is not None else None,
+        "plan": plan,
+        "sections": [section_dict(s) for s in sections],
+        "profile": None,
+        "summary": [],
+    }
+    if result is not None:
+        report.update(video=result.video_path, seconds=round(float(result.seconds), 3),
+                      profile=result.profile_path, summary=list(result.summary_lines()))
+    return report
+
+
+def summary_markdown(lines: Sequence[str]) -> str:
+    """The job summary: the first line (status) in bold, then one bullet per section and the totals."""
+    if not lines:
+        return ""
+    head, *rest = lines
+    body = "".join(f"\n- {html.escape(line, quote=False)}" for line in rest)
+    return f"**{html.escape(head, quote=False)}**\n{body}"
