@@ -786,3 +786,13 @@ def test_end_through_the_api_stops_only_this_clients_job(servers: Any) -> None:
     # nothing was left armed by the stray /end: this client's next job runs to the end
     again = server.generate(other_client, **ONE_SECTION)["report"]
     assert again["status"] == "done", again["message"]
+
+
+def test_models_download_beside_the_demos_or_into_the_current_folder(tmp_path: pathlib.Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from magcache_framepack.app import serve
+
+    assert serve.default_hf_home() == ROOT / "hf_download"          # this checkout: beside the demo scripts
+    monkeypatch.setattr(serve, "APP_DIR", tmp_path / "site-packages")   # installed with pip: no demos beside it
+    monkeypatch.chdir(tmp_path)
+    assert serve.default_hf_home() == tmp_path / "hf_download"

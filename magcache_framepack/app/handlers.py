@@ -557,20 +557,23 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
 
     Clamping here means the job, the page and the report all show the values
     that really ran; a value that is not a number raises (TypeError or ValueError).
+    The page and the /generate endpoint keep FramePack's names for two inputs,
+    ``total_second_length`` and ``mp4_crf``, so API clients keep working; this is
+    the one place they become JobSettings' ``seconds`` and ``crf``.
     """
     return JobSettings(
         prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), seed=int(float(seed)),
-        total_second_length=float(total_second_length),
+        seconds=float(total_second_length),
         latent_window_size=float(latent_window_size), steps=float(steps), cfg=float(cfg),
         gs=float(gs), rs=float(rs), gpu_memory_preservation=float(gpu_memory_preservation),
         cache=str(cache), magcache_thresh=float(magcache_thresh),
         magcache_K=float(magcache_K), retention_ratio=float(retention_ratio),
         mag_ratios=str(profile_path) if profile_path else None, calibrate=bool(calibrate),
-        mp4_crf=float(mp4_crf), resample=str(resample)).clamped()
+        crf=float(mp4_crf), resample=str(resample)).clamped()
 
 
 #: The number boxes Start moves into their limits, in the order :meth:`AppEvents.clamp_at_start` takes them.
-CLAMPED_NAMES = ("seed", "total_second_length", "steps", "cfg", "gs", "mp4_crf", "magcache_thresh",
+CLAMPED_NAMES = ("seed", "seconds", "steps", "cfg", "gs", "crf", "magcache_thresh",
                  "magcache_K", "retention_ratio", "gpu_memory_preservation")
 
 
@@ -801,7 +804,7 @@ class AppEvents:
         height, width = find_bucket(image.shape[0], image.shape[1], self.bucket_resolution)
         plan_info = self.job_plan(settings, profile_choice, magcache_core.frame_resolution(height, width))
         stream = JobStream(StepClock(plan_info["skipped"], section_count(
-            settings.total_second_length, settings.latent_window_size), time.perf_counter()))
+            settings.seconds, settings.latent_window_size), time.perf_counter()))
 
         def report_now(status: str, message: str, result: Any = None) -> dict[str, Any]:
             return job_report(result, stream.sections, status=status, message=message, settings=settings,
@@ -890,11 +893,11 @@ def generate_endpoint(events: AppEvents) -> Callable[..., Iterator[tuple[Any, ..
     d_thresh, d_k, d_retention = preset_values(magcache_core.DEFAULT_PRESET)
 
     def generate(input_image, prompt, n_prompt=d.n_prompt, seed=d.seed,
-                 total_second_length=d.total_second_length,
+                 total_second_length=d.seconds,
                  latent_window_size=d.latent_window_size, steps=d.steps, cfg=d.cfg,
                  gs=d.gs, rs=d.rs, gpu_memory_preservation=d.gpu_memory_preservation,
                  cache="magcache", magcache_thresh=d_thresh, magcache_K=d_k, retention_ratio=d_retention,
-                 mag_ratios=events.initial_profile, calibrate=False, mp4_crf=d.mp4_crf,
+                 mag_ratios=events.initial_profile, calibrate=False, mp4_crf=d.crf,
                  resample=d.resample, session=None):
         yield from events.run(input_image, prompt, n_prompt, seed, total_second_length, latent_window_size, steps,
                               cfg, gs, rs, gpu_memory_preservation, cache, magcache_thresh, magcache_K,

@@ -155,9 +155,8 @@ def job_settings(page: types.SimpleNamespace, defaults: Any) -> None:
 
     page.n_prompt = gr.Textbox(label="Negative Prompt", value=defaults.n_prompt, visible=False)
     page.seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed")
-    page.total_second_length = gr.Slider(label="Total Video Length (Seconds)",
-                                         value=defaults.total_second_length, elem_id="total-length",
-                                         **bounds("total_second_length"))
+    page.seconds = gr.Slider(label="Total Video Length (Seconds)", value=defaults.seconds, elem_id="total-length",
+                             **bounds("seconds"))
     page.latent_window_size = gr.Slider(label="Latent Window Size", value=defaults.latent_window_size,
                                         visible=False, **bounds("latent_window_size"))
     page.steps = gr.Slider(label="Steps", value=defaults.steps,
@@ -172,9 +171,9 @@ def job_settings(page: types.SimpleNamespace, defaults: Any) -> None:
         value=defaults.gpu_memory_preservation,
         info="Raise it if you run out of GPU memory; jobs get slower.",
         **bounds("gpu_memory_preservation"))
-    page.mp4_crf = gr.Slider(label="MP4 Compression", value=defaults.mp4_crf,
-                             info="Lower is better quality; 0 is lossless. Try 16 if a video "
-                                  "comes out black.", **bounds("mp4_crf"))
+    page.crf = gr.Slider(label="MP4 Compression", value=defaults.crf,
+                         info="Lower is better quality; 0 is lossless. Try 16 if a video comes out black.",
+                         **bounds("crf"))
     with gr.Accordion("Advanced", open=False):
         page.resample = gr.Radio(
             choices=[("Magnitude (keeps the table's total change)", "magnitude"),
@@ -252,9 +251,9 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
     import gradio as gr
 
     p = page
-    job_inputs = [p.input_image, p.prompt, p.n_prompt, p.seed, p.total_second_length, p.latent_window_size,
+    job_inputs = [p.input_image, p.prompt, p.n_prompt, p.seed, p.seconds, p.latent_window_size,
                   p.steps, p.cfg, p.gs, p.rs, p.gpu_memory_preservation, p.cache, p.magcache_thresh, p.magcache_K,
-                  p.retention_ratio, p.profile, p.calibrate, p.mp4_crf, p.resample, p.session]
+                  p.retention_ratio, p.profile, p.calibrate, p.crf, p.resample, p.session]
     clamped_controls = [getattr(p, name) for name in CLAMPED_NAMES]
     (p.start_button
      # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it

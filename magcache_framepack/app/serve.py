@@ -29,6 +29,18 @@ logger = logging.getLogger(__name__)
 APP_DIR = pathlib.Path(__file__).resolve().parents[2]
 
 
+def default_hf_home() -> pathlib.Path:
+    """Where models download unless HF_HOME is set: FramePack's hf_download/ beside the demo scripts.
+
+    In a checkout (the demos beside the package) that is the checkout's; a package installed
+    with pip sits in site-packages, where downloads do not belong, so there it is the
+    current folder's, as a user running a console script from a project folder expects.
+    """
+    if (APP_DIR / "magcache_demo_gradio.py").is_file():
+        return APP_DIR / "hf_download"
+    return pathlib.Path.cwd() / "hf_download"
+
+
 def build_parser(variant: str) -> argparse.ArgumentParser:
     """The app's command line; the description names the variant as the page does."""
     from magcache_framepack.models import get_variant
@@ -90,7 +102,7 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
-    os.environ.setdefault("HF_HOME", str(APP_DIR / "hf_download"))
+    os.environ.setdefault("HF_HOME", str(default_hf_home()))
 
     from magcache_framepack.models import load_models, model_id
     import torch
