@@ -11,7 +11,7 @@ pipelines.  It patches one instance of FramePack's
 ``HunyuanVideoTransformer3DModelPacked`` or of diffusers'
 ``HunyuanVideoFramepackTransformer3DModel`` with :func:`enable_magcache` and
 restores it with :func:`disable_magcache`; what differs between the two lives in
-one small adapter per class (the last section), everything else (plan, runs,
+one small adapter per class (the adapters section), everything else (plan, runs,
 residuals, calibration) is shared.
 
 It can be taken alone: copied with ``magcache_ratio_library.json`` beside it into

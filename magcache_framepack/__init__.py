@@ -1,8 +1,9 @@
 """MagCache for FramePack: jobs, apps and tools around the engine (``magcache_core.py``).
 
 The engine is the one file beside this package and knows nothing of it.  The
-package is built in layers; a module imports only from layers below its own
-(``tests/test_layout.py`` checks it), and importing the package does no work:
+package is built in layers; a module imports only from its own layer or the
+layers below, never in a circle (``tests/test_layout.py`` checks both), and
+importing the package does no work:
 
 1. ``settings``: a job's settings, their limits and names (no torch).
 2. ``models``: FramePack's code, the two variants, real and tiny model loading.

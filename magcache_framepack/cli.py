@@ -55,12 +55,19 @@ from magcache_framepack.runners.local import StopOnInterrupt, run_one
 logger = logging.getLogger(__name__)
 
 
-def replay_verdict(record_path: str, video: str) -> str:
-    """The line a --replay ends with: the new video's frames against the record's (see magcache_framepack.records)."""
+def replay_line(recorded: dict[str, Any], record_path: str, video: str) -> str:
+    """The line a --replay ends with: the new video's frames against the record's, read before the job ran.
+
+    The job has finished and its files are written, so a record or video that cannot be
+    read or decoded here ends the replay with a line saying so, not a traceback.
+    """
     from magcache_framepack.records import read_record, replay_verdict, sidecar_path
 
-    replayed = read_record(sidecar_path(video))
-    return replay_verdict(read_record(record_path), record_path, replayed, video)
+    try:
+        return replay_verdict(recorded, record_path, read_record(sidecar_path(video)), video)
+    except Exception as exc:      # noqa: BLE001 - PyAV's decode errors have no common base we can name
+        logger.debug("replay comparison failed", exc_info=True)
+        return f"Replay: cannot compare the frames: {exc}"
 
 
 def print_result(result: Any, video: str | None, out: TextIO) -> None:
@@ -75,7 +82,7 @@ def program_name() -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if name in ("magcache_generate.py", "magcache-generate"):
         return name
-    return "python -m magcache_framepack.cli" if name in ("cli.py", "__main__.py") else "magcache_generate.py"
+    return "python -m magcache_framepack.cli" if name == "cli.py" else "magcache_generate.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,13 +229,19 @@ def planned_runs(args: argparse.Namespace, cli: dict[str, Any], grid: list[tuple
     layers = [cli]
     if args.replay is not None:
         layers = [replay_layer(args.replay, image_given="image" in cli), cli]
+        record = pathlib.Path(args.replay).resolve()
+        kept = {record.with_suffix(".json"), record.with_suffix(".mp4")}
+        output = cli.get("output")
+        if output is not None and {pathlib.Path(output).resolve().with_suffix(s) for s in (".json", ".mp4")} & kept:
+            raise JobError(f"--output {output} would overwrite the record being replayed ({args.replay}) and "
+                           "the replay could not be compared with it: give another --output")
     base = merge_values(*layers)
     runs = []
     for resolution, steps in grid:
         values = dict(base)
-        if steps is not None:
-            values.update(resolution=resolution or base["resolution"], steps=steps)
-            values["output"] = grid_output(values["output"], values["resolution"], steps)
+        if resolution is not None or steps is not None:
+            values.update(resolution=resolution or base["resolution"], steps=steps or base["steps"])
+            values["output"] = grid_output(values["output"], values["resolution"], values["steps"])
         check_values(values, cuda)
         job_settings(values)
         runs.append(values)
@@ -238,6 +251,9 @@ def planned_runs(args: argparse.Namespace, cli: dict[str, Any], grid: list[tuple
 def run_command_line_jobs(args: argparse.Namespace, runs: list[dict[str, Any]],
                           parser: argparse.ArgumentParser) -> int:
     """Run the command line's job(s) in this process; 1 if any did not finish, or a stop was asked for."""
+    from magcache_framepack.records import read_record
+
+    recorded = read_record(args.replay) if args.replay is not None else None     # before the job writes anything
     models_cache: dict[tuple[str, bool], Any] = {}
     stop = StopOnInterrupt()
     failed = 0
@@ -253,8 +269,8 @@ def run_command_line_jobs(args: argparse.Namespace, runs: list[dict[str, Any]],
                 parser.error(str(exc))
             print_result(result, video, sys.stdout)
             failed += result.status != "done"
-            if args.replay is not None and result.status == "done" and video:
-                print(replay_verdict(args.replay, video), flush=True)
+            if recorded is not None and result.status == "done" and video:
+                print(replay_line(recorded, args.replay, video), flush=True)
     return 1 if failed or stop.requested else 0
 
 
@@ -311,7 +327,7 @@ def run_on_ray(args: argparse.Namespace, cli: dict[str, Any]) -> int:
         from magcache_framepack.runners.ray import require_ray
         require_ray()
     except ImportError as exc:
-        print(f"magcache_generate.py: --ray: {exc}", file=sys.stderr)
+        print(f"{program_name()}: --ray: {exc}", file=sys.stderr)
         return 2
     import ray
     from tqdm import tqdm
@@ -324,12 +340,16 @@ def run_on_ray(args: argparse.Namespace, cli: dict[str, Any]) -> int:
     outcomes: list[Any] = list(known)
     if jobs:
         stop = StopOnInterrupt()
-        started = connect(args.ray, verbose=args.verbose)
+        try:
+            started = connect(args.ray, verbose=args.verbose)
+        except (RuntimeError, ConnectionError) as exc:
+            print(f"{program_name()}: --ray {args.ray}: cannot start or join Ray: {exc}", file=sys.stderr)
+            return 2
         try:
             try:
                 workers = worker_count(tiny, args.workers)
             except RuntimeError as exc:
-                print(f"magcache_generate.py: --ray: {exc}", file=sys.stderr)
+                print(f"{program_name()}: --ray: {exc}", file=sys.stderr)
                 return 2
             print(f"{len(jobs)} job(s) on {min(workers, len(jobs))} Ray worker(s)"
                   + (" (tiny, CPU)" if tiny else " (one GPU each)"), flush=True)

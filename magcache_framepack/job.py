@@ -6,8 +6,8 @@ the settings of :mod:`.settings`, written by :mod:`.video`, recorded by
 :mod:`.records`, and the report of what MagCache did in every section.
 
 FramePack and FramePack-F1 run through ONE section loop.  What differs between
-them is captured by :class:`.models.Variant` (model repository,
-published MagCache ratios) and by the history layout (:class:`_InvertedHistory`
+them is captured by :class:`.models.Variant` (model repository, section
+order) and by the history layout (:class:`_InvertedHistory`
 for FramePack, which generates the video back to front, and
 :class:`_ForwardHistory` for F1, which generates it front to back).
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import magcache_core
+
 from magcache_framepack.records import FORMAT, VERSION, dumps, image_record, package_versions, write_sidecar
 from magcache_framepack.models import Models, Variant, framepack_modules, get_variant
 from magcache_framepack.settings import FPS, FRAMEPACK_RESOLUTION, JobSettings, bucket_resolution, section_count

@@ -176,9 +176,8 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
                            f"not --variant {values['variant']}")
 
 
-def job_settings(values: dict[str, Any]) -> Any:
-    """The pipeline's JobSettings for these values, validated by the pipeline itself."""
-
+def job_settings(values: dict[str, Any]) -> JobSettings:
+    """The JobSettings of these values, validated by JobSettings itself (the one set of rules)."""
     settings = JobSettings(**{k: values[k] for k in SETTING_KEYS})
     try:
         settings.validate()
@@ -211,6 +210,8 @@ def replay_layer(path: str, image_given: bool) -> dict[str, Any]:
 
     try:
         record = read_record(path)
+        if not isinstance(record.get("settings"), dict):
+            raise TypeError("'settings' (an object of the job's settings)")
         settings = {setting_name(k): v for k, v in record["settings"].items()}     # a record may use earlier names
         layer = {k: settings[k] for k in SETTING_KEYS if k in settings}
         layer.update(prompt=record["prompt"], n_prompt=record["n_prompt"], seed=record["seed"],

@@ -208,6 +208,9 @@ def replay_verdict(record: Mapping[str, Any], record_path: PathLike, replayed: M
     if recorded_sha and recorded_sha == new_sha:
         return f"Replay: same frames as the record (frames_sha256 {recorded_sha[:16]}...)."
     recorded_video = pathlib.Path(record_path).with_suffix(".mp4")
+    if not recorded_video.is_file() and recorded_sha is None:
+        return (f"Replay: cannot compare the frames: the record predates frames_sha256 and its video is not at "
+                f"{recorded_video}.")
     if not recorded_video.is_file():
         return (f"Replay: other frames than the record (frames_sha256 {str(recorded_sha)[:16]}... recorded, "
                 f"{str(new_sha)[:16]}... now); the recorded video is not at {recorded_video}, so the frames "

@@ -401,3 +401,12 @@ def test_sweep_chart_title_fits_the_figure() -> None:
     # the check can fail: the same title on one line does not fit this figure
     fig.axes[0].set_title(title.replace("\n", " "), fontsize=9)
     assert not title_inside(fig)
+
+
+def test_sweep_refuses_a_bad_image_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = tmp_path / "photo.png"
+    text.write_text("this is text, not a PNG")
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--image", str(text), "--prompt", "x", "--tiny"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "photo.png is not a readable image" in err and "Traceback" not in err

@@ -185,3 +185,34 @@ def test_ray_flag_without_ray_names_the_install_command(image: Path, tmp_path: P
     with pytest.raises(SystemExit):
         main(["--image", str(image), "--tiny", "--ray"])     # --ray runs a jobs file
     assert "--ray runs a --jobs file" in capsys.readouterr().err
+
+
+def test_a_replay_may_not_overwrite_its_own_record(tmp_path: Path, image: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from magcache_framepack.records import FORMAT
+
+    record = tmp_path / "clip.json"
+    record.write_text(json.dumps({"format": FORMAT, "prompt": "p", "n_prompt": "", "seed": 4, "variant": "framepack",
+                                  "tiny": True, "settings": {"steps": 4}}))
+    for output in ("clip.mp4", "clip.json"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--replay", str(record), "--image", str(image), "--output", str(tmp_path / output)])
+        assert exc.value.code == 2
+        assert "would overwrite the record being replayed" in capsys.readouterr().err
+    assert json.loads(record.read_text())["settings"] == {"steps": 4}
+    # a record whose settings are not an object: one line, no traceback
+    record.write_text(json.dumps({"format": FORMAT, "prompt": "p", "settings": None}))
+    with pytest.raises(SystemExit):
+        main(["--replay", str(record), "--image", str(image)])
+    err = capsys.readouterr().err
+    assert "lacks" in err and "Traceback" not in err
+
+
+def test_a_calibration_grid_of_resolutions_alone_runs_each_resolution(image: Path) -> None:
+    from magcache_framepack.cli import calibration_grid, command_line_layer, planned_runs
+
+    args = build_parser().parse_args(["--image", str(image), "--tiny", "--calibrate", "--resolutions", "64,96",
+                                      "--output", "cal.mp4"])
+    runs = planned_runs(args, command_line_layer(args), calibration_grid(args), cuda=False)
+    assert [(r["resolution"], r["steps"], r["output"]) for r in runs] == \
+        [(64, 25, "cal-64px-25steps.mp4"), (96, 25, "cal-96px-25steps.mp4")]

@@ -34,9 +34,10 @@ Design notes, because they are easy to undo by accident:
   each job is a :class:`Job` with its own worker thread, stop flag and event
   queue.  Nothing that belongs to a job is module-level, so a second tab never
   sees the first tab's frames and its End button cannot stop the first tab's job.
-* One GPU, one job: the generate event has ``concurrency_limit=1`` (later Starts
-  wait in Gradio's queue), and a lock created per app guards ``run_job`` in case
-  a job's worker outlives its generator.
+* One GPU, one job: the generate event's concurrency limit is the runner's
+  (1 in this process, the worker count on Ray; later Starts wait in Gradio's
+  queue), and a lock created per app guards ``run_job`` in case a job's worker
+  outlives its generator.
 * Gradio 5 and 6 both work: no Blocks(css/theme) (moved to launch() in 6), no
   per-component options that 6 removed, ``api_name=False`` for UI-only events.
 

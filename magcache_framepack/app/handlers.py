@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import magcache_core
+
 from magcache_framepack.app.views import (
     CUSTOM_PRESET, LIBRARY, PUBLISHED, job_report, message_html, plan_message, plan_panel, preset_for,
     preset_values, profile_status_html, progress_html, ratios_in_use_chart, calibration_chart, SkipPlan,

@@ -20,6 +20,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 import magcache_core
+
 from magcache_framepack.app.handlers import (CLAMPED_NAMES, AppEvents, Runner, SessionJobs, checked_image,
                                              generate_endpoint, profile_selection, ratios_chart_html)
 from magcache_framepack.app.views import (CACHE_CHOICES, CUSTOM_PRESET, HELP, QUICK_PROMPTS, preset_values,
@@ -90,7 +91,7 @@ def left_column(page: types.SimpleNamespace, events: AppEvents) -> None:
     inputs_and_buttons(page)
     with gr.Group():
         magcache_controls(page, events)
-    job_settings(page, events.defaults)
+    settings_controls(page, events.defaults)
 
 
 def inputs_and_buttons(page: types.SimpleNamespace) -> None:
@@ -149,7 +150,7 @@ def magcache_controls(page: types.SimpleNamespace, events: AppEvents) -> None:
                                  elem_id="calibrate")
 
 
-def job_settings(page: types.SimpleNamespace, defaults: Any) -> None:
+def settings_controls(page: types.SimpleNamespace, defaults: Any) -> None:
     """FramePack's own settings (seed, length, steps, CFG, memory, MP4), and the resampling choice."""
     import gradio as gr
 

@@ -21,7 +21,6 @@ LIBRARY = "library"              # profile-dropdown value of the ratio library (
 PUBLISHED = "published"          # the value older clients send for the same thing
 CUSTOM_PRESET = "Custom"
 CACHE_CHOICES: list[tuple[str, str]] = [("MagCache", "magcache"), ("TeaCache", "teacache"), ("Off", "off")]
-CACHE_LABELS = {value: label for label, value in CACHE_CHOICES}
 
 # What `Client.predict(..., api_name="/generate")` returns, in this order.
 GENERATE_OUTPUTS = ("video", "report", "summary", "preview", "progress")

@@ -114,15 +114,6 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
             yield frame.to_ndarray(format="rgb24")
 
 
-def video_info(path: str | os.PathLike) -> tuple[int, int, int]:
-    """(frames, height, width) of a video, by decoding it (container frame counts are not reliable)."""
-    n, h, w = 0, 0, 0
-    for frame in iter_video_frames(path):
-        n += 1
-        h, w = frame.shape[:2]
-    return n, h, w
-
-
 class VideoMismatch(ValueError):
     """Two videos that cannot be compared frame by frame."""
 

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from magcache_framepack.bench.report import UsageError
+from magcache_framepack.settings import VARIANT_NAMES
 
 def library_plan_rows(resolutions: Sequence[int] = (256, 512, 640), steps: Sequence[int] = (25, 50),
-                      variants: Sequence[str] = ("framepack", "f1")) -> list[dict[str, Any]]:
+                      variants: Sequence[str] = VARIANT_NAMES) -> list[dict[str, Any]]:
     """Computed steps per preset: the library's table for each (resolution, steps) vs the published one stretched.
 
     "Stretched" is what a planner without the library does: the published

@@ -22,6 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from magcache_framepack.bench.report import UsageError
+
+
 def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int,
           cpus: int | None) -> list[dict[str, Any]]:
     """The same tiny jobs file on 1, 2, ... workers (one torch thread each) on a local Ray; one row per count.
@@ -101,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
     from magcache_framepack.runners.ray import require_ray
 
-    require_ray()
+    try:
+        require_ray()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
     rows = bench(args.jobs, args.workers, args.seconds, args.steps, args.cpus)
     base = rows[0]["jobs_seconds"]
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} tiny jobs "

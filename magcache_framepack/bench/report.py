@@ -18,9 +18,10 @@ import json
 import logging
 import math
 import os
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from magcache_framepack.records import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,6 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------------------
 # Settings: the rows of the speed and sweep tables
 # ---------------------------------------------------------------------------
-
-ENGINES = ("magcache", "diffusers")
-
 
 @dataclasses.dataclass(frozen=True)
 class SpeedSetting:
@@ -72,7 +70,7 @@ def parse_setting(text: str) -> tuple[float, int, float]:
     return thresh, k, retention
 
 
-def setting_name(params: tuple[float, int, float]) -> str:
+def setting_label(params: tuple[float, int, float]) -> str:
     """The row name of a custom setting, so repeating a preset's numbers is visibly a custom row."""
     return f"custom:{params[0]:g},{params[1]},{params[2]:g}"
 
@@ -86,7 +84,7 @@ def speed_settings(presets: dict[str, tuple[float, int, float]],
     """
     out = [SpeedSetting("off")] + [SpeedSetting(name, tuple(p)) for name, p in presets.items()]
     for params in custom:
-        s = SpeedSetting(setting_name(params), params)
+        s = SpeedSetting(setting_label(params), params)
         if s.name not in {o.name for o in out}:
             out.append(s)
     if compare_diffusers:
@@ -143,10 +141,8 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON through :func:`json_safe`, creating the folder."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    """Write ``data`` as indented JSON through :func:`json_safe`, whole or not at all (records.write_atomic)."""
+    write_atomic(path, (json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n").encode("utf-8"))
     logger.info("wrote %s", path)
 
 

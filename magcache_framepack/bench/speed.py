@@ -52,6 +52,7 @@ import torch
 
 from magcache_framepack.bench.report import (SpeedSetting, UsageError, nonneg_int, positive_int, setting_arg,
                                              speed_settings, write_json)
+from magcache_framepack.settings import VARIANT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -721,7 +722,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=nonneg_int, default=1, help="untimed rounds first")
     sp.add_argument("--setting", type=setting_arg, action="append", default=[], metavar="THRESH,K,RETENTION",
                     help="an extra MagCache setting, e.g. 0.12,3,0.2 (repeatable)")
-    sp.add_argument("--variant", choices=("framepack", "f1"), default="framepack",
+    sp.add_argument("--variant", choices=VARIANT_NAMES, default="framepack",
                     help="whose published ratios (and clean-latent layout) to use")
     sp.add_argument("--resolution", type=positive_int, default=640,
                     help="full size only: FramePack's bucket resolution (square input image)")

@@ -33,6 +33,7 @@ import numpy as np
 from magcache_framepack.bench.quality import compare_videos
 from magcache_framepack.bench.report import (SpeedSetting, UsageError, fmt_db, nonneg_int, positive_int,
                                              setting_arg, speed_settings, write_json)
+from magcache_framepack.settings import VARIANT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     wp.add_argument("--prompt", default="")
     wp.add_argument("--seed", type=int, default=31337)
     wp.add_argument("--tiny", action="store_true", help="tiny random-weight models (CPU, seconds; quality meaningless)")
-    wp.add_argument("--variant", choices=("framepack", "f1"), default="framepack")
+    wp.add_argument("--variant", choices=VARIANT_NAMES, default="framepack")
     wp.add_argument("--seconds", type=_positive_float, default=1.0, help="video length in seconds")
     wp.add_argument("--steps", type=positive_int, default=25)
     wp.add_argument("--setting", type=setting_arg, action="append", default=[], metavar="THRESH,K,RETENTION",
@@ -288,8 +289,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Sweep, print the table; exit 1 when any job failed (the table says which and why)."""
-    if not os.path.isfile(args.image):
-        raise UsageError(f"--image: file not found: {args.image}")
+    from magcache_framepack.job import read_image
+
+    try:
+        read_image(args.image)      # readable and large enough, before any model loads
+    except ValueError as exc:
+        raise UsageError(f"--image: {exc}") from None
+    if not args.tiny:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("the real FramePack models need a CUDA GPU and none is available; "
+                             "add --tiny for tiny random-weight models on the CPU")
     import magcache_core as core
 
     presets = {} if args.no_presets else core.PRESETS

@@ -117,9 +117,8 @@ def run_one(values: dict[str, Any], models_cache: dict[tuple[str, bool], Any], p
     try:
         with logging_redirect_tqdm(), contextlib.redirect_stderr(_HideSamplerBars(sys.stderr)):
             result = run_job(models_cache[key], image, settings, outputs_dir=values["outputs_dir"],
-                                               on_progress=bars.on_progress, on_section=bars.on_section,
-                                               should_stop=stop, profiles_dir=values["profiles_dir"],
-                                               image_path=values["image"])
+                             on_progress=bars.on_progress, on_section=bars.on_section,
+                             should_stop=stop, profiles_dir=values["profiles_dir"], image_path=values["image"])
     finally:
         bars.close()
     video = result.video_path
