@@ -515,7 +515,7 @@ class _Refused(Exception):
     """The job was refused before any work: bad settings, image or profile (the message says which)."""
 
 
-class _Job:
+class _JobRun:
     """One run_job call: its settings, callbacks and what has been produced so far."""
 
     def __init__(self, models: Models, settings: JobSettings, outputs_dir: str | os.PathLike,
@@ -860,6 +860,6 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
     what the record names instead, when the file read is a copy elsewhere
     (a Ray worker's), so the record is the one a local run would write.
     """
-    job = _Job(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop, image_path,
+    job = _JobRun(models, settings, outputs_dir, profiles_dir, on_progress, on_section, should_stop, image_path,
                image_info)
     return job.run(input_image)
