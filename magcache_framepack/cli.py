@@ -45,7 +45,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from magcache_framepack.settings import CACHE_MODES, PRESET_NAMES, RESAMPLE_MODES, VARIANT_NAMES
 from magcache_framepack.jobfiles import (DEFAULTS, JobError, JobOutcome, OK_STATUSES, already_done, check_values,
@@ -85,8 +85,15 @@ def program_name() -> str:
     return "python -m magcache_framepack.cli" if name == "cli.py" else "magcache_generate.py"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refusal is the one line that says what is wrong, not the usage block above it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=program_name(), description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog=program_name(), description=__doc__.split("\n\n")[0],
                                 epilog="Keys of a --jobs line: " + ", ".join(DEFAULTS),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # Every default is None: a value counts only where it was given, so a preset and

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from magcache_framepack.settings import (CACHE_MODES, LIMITS, PRESET_NAMES, RESAMPLE_MODES, VARIANT_NAMES,
-                                       JobSettings, setting_name)
+                                       JobSettings, setting_name, unwritable_folder)
 
 
 # Defaults of a job when neither the command line nor the job line gives a value
@@ -158,6 +158,16 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
     output = values["output"]
     if output is not None and pathlib.Path(output).suffix.lower() != ".mp4":
         raise JobError(f"--output must be an .mp4 path, got {output}")
+    folders = [(FLAG["outputs_dir"], values["outputs_dir"])]
+    if output is not None:
+        folders.append((FLAG["output"], pathlib.Path(output).parent))
+    if values["calibrate"]:
+        folders.append((FLAG["profiles_dir"], values["profiles_dir"]))
+    for flag, folder in folders:
+        problem = unwritable_folder(folder)
+        if problem is not None:
+            shown = output if flag == FLAG["output"] else folder
+            raise JobError(f"{flag} {shown}: cannot write there: {problem}")
     if not values["tiny"] and not cuda_available:
         raise JobError("the real FramePack models need a CUDA GPU and none is available; "
                        "use --tiny for a CPU run with tiny random-weight models")

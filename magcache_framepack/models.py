@@ -11,14 +11,16 @@ transformers are imported when first needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import importlib.util
+import io
 import logging
 import threading
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -60,18 +62,41 @@ def framepack_modules() -> types.SimpleNamespace:
     def load(name: str) -> types.ModuleType:
         return importlib.import_module(f"{prefix}.{name}")
 
-    modules = types.SimpleNamespace(
-        hunyuan=load("hunyuan"),
-        utils=load("utils"),
-        sampler=load("pipelines.k_diffusion_hunyuan"),
-        clip_vision=load("clip_vision"),
-        bucket_tools=load("bucket_tools"),
-        models=load("models.hunyuan_video_packed"),
-        memory=load("memory") if torch.cuda.is_available() else None,
-        source=source,
-    )
+    # FramePack's modules print which attention backends they found ("Xformers is not
+    # installed!" and three more lines) on every start: that goes to the debug log instead.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        modules = types.SimpleNamespace(
+            hunyuan=load("hunyuan"),
+            utils=load("utils"),
+            sampler=load("pipelines.k_diffusion_hunyuan"),
+            clip_vision=load("clip_vision"),
+            bucket_tools=load("bucket_tools"),
+            models=load("models.hunyuan_video_packed"),
+            memory=load("memory") if torch.cuda.is_available() else None,
+            source=source,
+        )
+    for line in printed.getvalue().splitlines():
+        logger.debug("FramePack: %s", line)
     logger.info("FramePack code from the %s (%s)", source, prefix)
     return modules
+
+
+@contextlib.contextmanager
+def cast_quietly() -> Iterator[None]:
+    """Cast diffusers models with ``.to(dtype)`` without diffusers' note on every call.
+
+    diffusers warns "There are modules in X that should be kept in float32: []"
+    whenever a model is cast with ``to()``, also when that list is empty, as it is
+    for FramePack's models (FramePack's own loading casts the same way).
+    """
+    note = logging.getLogger("diffusers.models.modeling_utils")
+    level = note.level
+    note.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        note.setLevel(level)
 
 
 # ---------------------------------------------------------------------------
@@ -212,9 +237,10 @@ def _load_real_models(variant: Variant) -> Models:
         vae.enable_tiling()
     # FramePack computes the final projection in fp32 for quality
     transformer.high_quality_fp32_output_for_inference = True
-    transformer.to(dtype=torch.bfloat16)
-    for model in (vae, image_encoder, text_encoder, text_encoder_2):
-        model.to(dtype=torch.float16)
+    with cast_quietly():
+        transformer.to(dtype=torch.bfloat16)
+        for model in (vae, image_encoder, text_encoder, text_encoder_2):
+            model.to(dtype=torch.float16)
 
     if high_vram:
         for model in (text_encoder, text_encoder_2, image_encoder, vae, transformer):
@@ -364,7 +390,8 @@ def build_tiny_models(variant: str | Variant) -> Models:
     vae.use_framewise_decoding = False
     transformer.high_quality_fp32_output_for_inference = True
     for model in (text_encoder, text_encoder_2, image_encoder, vae, transformer):
-        model.to(dtype=torch.float32)
+        with cast_quietly():
+            model.to(dtype=torch.float32)
         model.eval()
         model.requires_grad_(False)
     return Models(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=llama_tok,
@@ -405,7 +432,9 @@ def build_tiny_diffusers_pipeline(models: Models | None = None, dtype: torch.dty
     config = {k: v for k, v in packed.config.items() if not k.startswith("_")}
     transformer = model_class(**config)
     transformer.load_state_dict(packed.state_dict())
-    transformer.to(dtype=dtype).eval().requires_grad_(False)
+    with cast_quietly():
+        transformer.to(dtype=dtype)
+    transformer.eval().requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     pipe = pipeline_class(
         text_encoder=models.text_encoder, tokenizer=models.tokenizer, transformer=transformer, vae=models.vae,

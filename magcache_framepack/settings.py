@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import pathlib
+import tempfile
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -190,6 +191,27 @@ class JobSettings:
             raise bad("calibrate", f"calibration measures with MagCache: set cache='magcache' "
                                    f"(it is {self.cache!r})")
 
+
+
+def unwritable_folder(folder: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be written in ``folder`` (created as needed), or None when they can.
+
+    Checked before any model loads, so a bad output path costs a line, not a job.  Nothing
+    is created: the nearest folder that exists must be a folder (not a file) and take a
+    file, which is tried with a temporary one that is removed at once.
+    """
+    path = pathlib.Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"no file can be written in {existing} ({exc.strerror or exc})"
+    return None
 
 
 def section_count(seconds: float, latent_window_size: int) -> int:

@@ -796,3 +796,15 @@ def test_models_download_beside_the_demos_or_into_the_current_folder(tmp_path: p
     monkeypatch.setattr(serve, "APP_DIR", tmp_path / "site-packages")   # installed with pip: no demos beside it
     monkeypatch.chdir(tmp_path)
     assert serve.default_hf_home() == tmp_path / "hf_download"
+
+
+def test_main_refuses_folders_it_cannot_write_before_loading(fake_main: dict[str, Any], tmp_path: pathlib.Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    a_file = tmp_path / "outputs"
+    a_file.write_text("a file where the outputs folder would go")
+    for flag in ("--outputs", "--profiles"):
+        with pytest.raises(SystemExit) as exc:
+            main("framepack", ["--tiny", flag, str(a_file / "inner")])
+        assert exc.value.code == 2
+        assert f"{flag} {a_file / 'inner'}: cannot write there: {a_file} is a file" in capsys.readouterr().err
+    assert fake_main["loads"] == [] and fake_main["demo"].launched is None

@@ -221,7 +221,8 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     chart = re.sub(r"\s", "", page.locator("#ratios-chart").text_content() or "")
     assert saved[0].name in chart and ("Calibratedratiossavedas" in chart or "yourprofile" in chart), chart
     profile = magcache_core.MagCacheProfile.load(saved[0])
-    page.locator("#calibrate input").uncheck()
+    # Calibrate is unticked by itself, so the next Start uses the new profile instead of calibrating again
+    page.locator("#calibrate input:not(:checked)").wait_for(timeout=10_000)
     # the new profile is selected by itself, and plans the next job
     assert saved[0].name in page.locator("#profile input").input_value()
     wait_plan(page, expected_plan_text(profile.ratios, 8, 0.3, 4, 0.2))

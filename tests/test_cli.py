@@ -36,7 +36,9 @@ def test_bad_arguments_are_argparse_errors(image: Path, capsys: pytest.CaptureFi
         main(["--image", str(image), "--tiny", *extra])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert expected in err and "usage:" in err and "Traceback" not in err
+    # one line: the refusal itself, not the usage block (and never a traceback)
+    assert err.strip().splitlines() == [err.strip()] and expected in err and "Traceback" not in err
+    assert err.startswith("magcache_generate.py: error: ") and "--help lists every flag" in err
 
 
 def test_missing_image_and_unknown_choice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -216,3 +218,33 @@ def test_a_calibration_grid_of_resolutions_alone_runs_each_resolution(image: Pat
     runs = planned_runs(args, command_line_layer(args), calibration_grid(args), cuda=False)
     assert [(r["resolution"], r["steps"], r["output"]) for r in runs] == \
         [(64, 25, "cal-64px-25steps.mp4"), (96, 25, "cal-96px-25steps.mp4")]
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_loading(
+        tmp_path: Path, image: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from magcache_framepack import models as models_module
+
+    def no_models(*a: object, **k: object) -> None:
+        raise AssertionError("models were loaded for a job whose output cannot be written")
+
+    monkeypatch.setattr(models_module, "load_models", no_models)
+    a_file = tmp_path / "some.png"
+    a_file.write_bytes(b"not a folder")
+    cases = [(["--output", str(a_file / "out.mp4")], f"--output {a_file / 'out.mp4'}: cannot write there: "
+                                                     f"{a_file} is a file, not a folder"),
+             (["--outputs-dir", str(a_file / "outs")], f"{a_file} is a file, not a folder"),
+             (["--calibrate", "--profiles-dir", str(a_file)], f"--profiles-dir {a_file}: cannot write there")]
+    if Path("/proc/self").is_dir():          # Linux: a folder nobody can write files in
+        cases.append((["--output", "/proc/out.mp4"], "no file can be written in /proc"))
+    for extra, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["--image", str(image), "--tiny", *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_bytes() == b"not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some.png", "start.png"]      # nothing created
+    # a jobs line with such an output is refused with its line number; the file goes on
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(image), "output": str(a_file / "x.mp4")}) + "\n")
+    assert main(["--jobs", str(jobs), "--tiny"]) == 1
+    assert f"line 1: invalid: --output {a_file / 'x.mp4'}: cannot write there" in capsys.readouterr().out

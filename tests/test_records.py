@@ -131,6 +131,9 @@ def test_record_beside_and_inside_the_video_and_replay_in_another_process(tmp_pa
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         last_lines[target] = proc.stdout.strip().splitlines()[-1]
+        # no console noise from FramePack's import or diffusers' casts (#15): only our own lines
+        for noise in ("is not installed!", "native sdp backends", "should be kept in float32"):
+            assert noise not in proc.stdout + proc.stderr, noise
     # same frames handed to the encoder, the same decoded pixels and the same video stream bytes
     assert re.fullmatch("[0-9a-f]{64}", record["frames_sha256"])
     assert json.loads(again.with_suffix(".json").read_text())["frames_sha256"] == record["frames_sha256"]

@@ -854,21 +854,26 @@ class AppEvents:
 
     def after_job(self, sess: SessionJobs, current_profile: str | None, steps_value: Any,
                   resolution: Any) -> tuple[Any, ...]:
-        """The job ended: Start back on, End off, and a profile it saved selected and charted."""
+        """The job ended: Start back on, End off, and a profile it saved selected and charted.
+
+        After a calibration the Calibrate box is unticked: the next Start runs with the
+        new profile (the plan panel follows the box), instead of calibrating again.
+        """
         import gradio as gr
 
         result = sess.take_result()
-        chart = gr.update()
+        chart = calibrate = gr.update()
         value = current_profile
         if result is not None and result.profile_path:
             value = self.catalog.choice_for(result.profile_path)      # the new profile, selected
             chart = calibration_chart(self.variant, list(result.calibration.ratios) if result.calibration else [],
                                       value)
+            calibrate = gr.update(value=False)
         # the line under the dropdown names the selected profile in full (the dropdown may clip it)
         value, note, _, _ = profile_selection(self.catalog, value)
         choices = self.catalog.choices(self.steps_of(steps_value), self.resolution_of(resolution))
         return (gr.update(interactive=True), gr.update(interactive=False), gr.update(choices=choices, value=value),
-                chart, gr.update(visible=False), profile_status_html(note, self.catalog.left_out()))
+                chart, gr.update(visible=False), profile_status_html(note, self.catalog.left_out()), calibrate)
 
     @staticmethod
     def stop(sess: SessionJobs) -> None:

@@ -266,7 +266,8 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
                                                                    p.progress],
            api_name="generate", concurrency_limit=events.concurrency, concurrency_id="gpu", show_progress="minimal")
      .then(events.after_job, inputs=[p.session, p.profile, p.steps, p.frame_resolution],
-           outputs=[p.start_button, p.end_button, p.profile, p.ratios_chart, p.preview, p.profile_status],
+           outputs=[p.start_button, p.end_button, p.profile, p.ratios_chart, p.preview, p.profile_status,
+                    p.calibrate],
            queue=False, **HIDDEN_API))
     p.end_button.click(events.stop, inputs=p.session, outputs=None, queue=False, **HIDDEN_API)
     # the same End for API clients: `client.predict(api_name="/end")` from the Client that started the job

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from magcache_framepack.app.handlers import ProfileCatalog
 from magcache_framepack.app.layout import build_ui
+from magcache_framepack.settings import unwritable_folder
 
 if TYPE_CHECKING:  # imported for annotations only; see the package docstring
     import gradio as gr
@@ -100,6 +101,10 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     """Parse ``argv``, load the models of ``variant`` ("framepack" or "f1") and serve the app."""
     parser = build_parser(variant)
     args = parser.parse_args(argv)
+    for flag, folder in (("--outputs", args.outputs), ("--profiles", args.profiles)):
+        problem = unwritable_folder(folder)      # before any model loads: a bad folder costs a line, not a start
+        if problem is not None:
+            parser.error(f"{flag} {folder}: cannot write there: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
     os.environ.setdefault("HF_HOME", str(default_hf_home()))
