@@ -49,7 +49,8 @@ from typing import Any, NoReturn, TextIO
 
 from magcache_framepack.settings import CACHE_MODES, PRESET_NAMES, RESAMPLE_MODES, VARIANT_NAMES
 from magcache_framepack.jobfiles import (DEFAULTS, JobError, JobOutcome, OK_STATUSES, already_done, check_values,
-                                         iter_job_lines, job_settings, job_values, merge_values, replay_layer)
+                                         int_list, iter_job_lines, job_settings, job_values, merge_values,
+                                         replay_layer)
 from magcache_framepack.runners.local import StopOnInterrupt, run_one
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-prompt", help="negative prompt (used only with --cfg > 1)")
     p.add_argument("--variant", choices=VARIANT_NAMES, help="framepack (default) or f1")
     p.add_argument("--seconds", type=float, help="video length in seconds (default 5)")
-    p.add_argument("--steps", type=_int_list, help="sampling steps per section (default 25); with --calibrate "
+    p.add_argument("--steps", type=int_list, help="sampling steps per section (default 25); with --calibrate "
                                                   "a list (25,50) calibrates each")
     p.add_argument("--seed", type=int, help="random seed (default 31337)")
     p.add_argument("--cfg", type=float, help="real guidance scale (default 1: no negative branch)")
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", choices=RESAMPLE_MODES,
                    help="how a ratio table of another step count is fitted: magnitude (default) or nearest "
                         "(the MagCache reference's stretch)")
-    p.add_argument("--resolutions", type=_int_list, metavar="R1,R2,...",
+    p.add_argument("--resolutions", type=int_list, metavar="R1,R2,...",
                    help="with --calibrate: calibrate each of these bucket resolutions (times each --steps value)")
     p.add_argument("--calibrate", action="store_true", default=None,
                    help="measure this model's ratios (skips nothing) and write a profile to --profiles-dir")
@@ -153,18 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
-
-
-def _int_list(text: str) -> list[int]:
-    """argparse type of "25" or "25,50": a list of integers."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, "
-                                         f"got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def command_line_layer(args: argparse.Namespace) -> dict[str, Any]:

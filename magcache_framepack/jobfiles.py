@@ -9,6 +9,7 @@ read files (the image, a profile); nothing here loads a model.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -28,7 +29,8 @@ from magcache_framepack.settings import (CACHE_MODES, LIMITS, PRESET_NAMES, RESA
 DEFAULTS: dict[str, Any] = {
     "image": None, "variant": "framepack", "preset": None, "tiny": False, "output": None,
     "outputs_dir": "outputs", "profiles_dir": "magcache_profiles",
-    "prompt": "", **{f.name: f.default for f in dataclasses.fields(JobSettings) if f.default is not dataclasses.MISSING},
+    "prompt": "",
+    **{f.name: f.default for f in dataclasses.fields(JobSettings) if f.default is not dataclasses.MISSING},
 }
 
 
@@ -40,6 +42,18 @@ FLAG = {k: "--" + k.replace("_", "-") for k in DEFAULTS}
 
 #: The job keys that are JobSettings fields (what a video record's "settings" can give back).
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(JobSettings))
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of "25" or "25,50": a list of integers (ranges are checked with the job's values)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, "
+                                         f"got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
 
 
 class JobError(ValueError):

@@ -159,12 +159,20 @@ def find_image(record: Mapping[str, Any], record_path: PathLike) -> pathlib.Path
 # Replays: same frames, or how they differ
 # ---------------------------------------------------------------------------
 
-def decode_frames(video: PathLike) -> np.ndarray:
-    """Every frame of an MP4's first video stream, decoded to uint8 RGB (time, height, width, 3)."""
+def iter_video_frames(video: PathLike) -> Iterator[np.ndarray]:
+    """A video's first video stream decoded to uint8 RGB frames (height, width, 3), one at a time."""
     import av
 
     with av.open(str(video)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+        if not container.streams.video:
+            raise ValueError(f"{video} has no video stream")
+        for frame in container.decode(video=0):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def decode_frames(video: PathLike) -> np.ndarray:
+    """Every frame of a video, stacked: (time, height, width, 3) uint8 RGB."""
+    return np.stack(list(iter_video_frames(video)))
 
 
 def frame_ranges(indices: Sequence[int]) -> str:

@@ -30,13 +30,14 @@ import math
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from magcache_framepack.bench.report import UsageError, fmt_db, write_json
+from magcache_framepack.records import iter_video_frames
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +102,6 @@ def ssim(ref: np.ndarray, other: np.ndarray, data_range: float = 255.0) -> float
     cxy = _gaussian_blur_valid(x * y) - mx * my
     smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(smap.mean())
-
-
-def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Decode a video's first video stream to HxWx3 RGB uint8 frames, one at a time."""
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        for frame in container.decode(video=0):
-            yield frame.to_ndarray(format="rgb24")
 
 
 class VideoMismatch(ValueError):

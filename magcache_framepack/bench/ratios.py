@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from magcache_framepack.bench.report import UsageError
+from magcache_framepack.jobfiles import int_list
 from magcache_framepack.settings import VARIANT_NAMES
 
 def library_plan_rows(resolutions: Sequence[int] = (256, 512, 640), steps: Sequence[int] = (25, 50),
@@ -108,12 +109,10 @@ def ratio_chart(path: str | os.PathLike, steps: Sequence[int] = (25,), profiles:
     return path
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
+def positive_int_list(text: str) -> list[int]:
+    """argparse type of step counts: :func:`~magcache_framepack.jobfiles.int_list`, each at least 1."""
+    values = int_list(text)
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
 
@@ -127,7 +126,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``ratios``: its flags, and :func:`run` as what it does."""
     rp = subparsers.add_parser("ratios", help="draw the ratio library's curves (and profiles) and print its plan table")
     rp.add_argument("profiles", nargs="*", metavar="PROFILE", help="calibration profiles (JSON) to draw too")
-    rp.add_argument("--steps", type=_int_list, default=[25], help="which step counts' tables to draw (25,50,75)")
+    rp.add_argument("--steps", type=positive_int_list, default=[25],
+                    help="which step counts' tables to draw (25,50,75)")
     rp.add_argument("--out", default="outputs/ratios.png", help="the PNG to write")
     rp.set_defaults(run=run)
     return rp
