@@ -161,3 +161,12 @@ def library_plan_ratios(variant: str, height: int, width: int, steps: int, mode:
 
     _, _, ratios = library_choice(variant, (height + width) / 2, steps)
     return resample_mag_ratios(ratios, steps, mode)
+
+
+def stream_bytes(path: Path) -> bytes:
+    """An MP4's video stream packets, in order: what "the same video bytes" compares (the container's
+    comment tag holds the record, with its run's timings, so the whole file differs between runs)."""
+    import av
+
+    with av.open(str(path)) as c:
+        return b"".join(bytes(p) for p in c.demux(video=0))

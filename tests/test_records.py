@@ -26,17 +26,9 @@ from magcache_framepack.settings import JobSettings, LIMITS
 from magcache_framepack.video import frames_sha256, write_mp4
 from magcache_framepack import models as models_module
 from magcache_framepack.models import TINY_MODEL_ID
-from conftest import library_plan_ratios
+from conftest import library_plan_ratios, stream_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def stream_bytes(path: Path) -> bytes:
-    """The MP4's video stream packets: the record's own timings differ between runs, so not the whole file."""
-    import av
-
-    with av.open(str(path)) as c:
-        return b"".join(bytes(p) for p in c.demux(video=0))
 
 
 def frames(path: Path) -> np.ndarray:

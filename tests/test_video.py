@@ -30,6 +30,7 @@ import torch
 
 from magcache_framepack.video import (X264_THREADS, cpu_features, frames_sha256, video_frames, write_mp4,
                                       x264_asm_cap, x264_options)
+from conftest import stream_bytes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -74,12 +75,6 @@ else:                       # the control: plain PyAV, x264 picks its own instru
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode(None))
 """
-
-
-def stream_bytes(path: pathlib.Path) -> bytes:
-    """The video stream's packets, in order: what "the same MP4 video stream" compares."""
-    with av.open(str(path)) as c:
-        return b"".join(bytes(p) for p in c.demux(video=0))
 
 
 def encode_in_fresh_process(tmp_path: pathlib.Path, fill: int, threads: int, writer: str) -> bytes:
