@@ -336,14 +336,26 @@ def checked_image(component: Any) -> Any:
     return component
 
 
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """What a job was started with: enough to run it again (Compare, Render without cache)."""
+
+    settings: JobSettings
+    image: Any                  # the decoded image (HxWx3 uint8) the job read
+    image_path: str             # the uploaded file it was read from (the video's record names it)
+    profile_choice: str | None  # the calibration table chosen in the dropdown
+
+
 class Job:
     """One generation: its worker thread, stop flag and event queue belong to it alone.
 
-    ``image_path`` is the uploaded file the image was read from (the video's record names it).
+    ``image_path`` is the uploaded file the image was read from (the video's record names it);
+    ``request`` is all the job was started with.
     """
 
     def __init__(self) -> None:
         self.image_path: str | None = None
+        self.request: JobRequest | None = None
         self.stop = threading.Event()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread: threading.Thread | None = None
@@ -361,6 +373,7 @@ class SessionJobs:
         self.current: Job | None = None
         self.stop_before_start = False
         self.unshown_result: Any | None = None
+        self.last_done: tuple[JobRequest, Any] | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "SessionJobs":
         return SessionJobs()
@@ -403,11 +416,17 @@ class SessionJobs:
             return True
 
     def finish(self, job: Job, result: Any | None) -> None:
-        """The job ended: it is no longer this session's current one; keep its result for the page."""
+        """The job ended: it is no longer this session's current one; keep its result for the page.
+
+        A job that finished (status "done") is also kept with its request as :attr:`last_done`:
+        the one Compare and Render without cache run again.
+        """
         with self._lock:
             if self.current is job:
                 self.current = None
             self.unshown_result = result
+            if result is not None and result.status == "done" and job.request is not None:
+                self.last_done = (job.request, result)
 
     def take_result(self) -> Any | None:
         """The last job's result, once (the page shows it after the job's events end)."""
@@ -817,6 +836,7 @@ class AppEvents:
             yield None, report_now("stopped", message), summary_markdown([f"stopped: {message}"]), None, ""
             return
         job.image_path = image_path
+        job.request = JobRequest(settings, image, image_path, profile_choice)
         job.thread = threading.Thread(target=self.runner, name="magcache-job", daemon=True,
                                       args=(job, image, settings, self.outputs_dir, self.profiles_dir))
         job.thread.start()

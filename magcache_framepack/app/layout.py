@@ -23,6 +23,7 @@ import magcache_core
 
 from magcache_framepack.app.handlers import (CLAMPED_NAMES, AppEvents, Runner, SessionJobs, checked_image,
                                              generate_endpoint, profile_selection, ratios_chart_html)
+from magcache_framepack.app.rerun import RerunEvents
 from magcache_framepack.app.views import (CACHE_CHOICES, CUSTOM_PRESET, HELP, QUICK_PROMPTS, preset_values,
                                           profile_status_html)
 from magcache_framepack.settings import LIMITS
@@ -74,8 +75,10 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 left_column(page, events)
             with gr.Column():
                 right_column(page, events, spec.forward_sections)
+                compare_panel(page)
         plan_and_profile_events(page, events)
         start_and_end_events(page, events, demo)
+        rerun_events(page, events)
     demo.queue()
     return demo
 
@@ -110,6 +113,10 @@ def inputs_and_buttons(page: types.SimpleNamespace) -> None:
     with gr.Row():
         page.start_button = gr.Button(value="Start Generation", variant="primary", elem_id="start")
         page.end_button = gr.Button(value="End Generation", interactive=False, elem_id="end")
+    with gr.Row():
+        # explore with the cache, then finish exact: the last finished job again, the cache Off
+        page.compare_button = gr.Button(value="Compare with no cache", size="sm", elem_id="compare")
+        page.render_button = gr.Button(value="Render without cache", size="sm", elem_id="render-uncached")
 
 
 def magcache_controls(page: types.SimpleNamespace, events: AppEvents) -> None:
@@ -204,6 +211,22 @@ def right_column(page: types.SimpleNamespace, events: AppEvents, forward_section
     page.ratios_chart = gr.HTML(ratios_chart_html(events.catalog, events.initial_profile), elem_id="ratios-chart")
 
 
+def compare_panel(page: types.SimpleNamespace) -> None:
+    """Hidden until a comparison ran: both videos side by side, the figures, per-frame charts, the JSON."""
+    import gradio as gr
+
+    with gr.Column(visible=False, elem_id="compare-panel") as page.compare_panel:
+        with gr.Row():
+            page.cached_video = gr.Video(label="With the cache", autoplay=True, loop=True, height=256,
+                                         elem_id="compare-cached")
+            page.uncached_video = gr.Video(label="Without the cache", autoplay=True, loop=True, height=256,
+                                           elem_id="compare-uncached")
+        page.comparison_summary = gr.Markdown("", elem_id="compare-summary")
+        page.comparison_charts = gr.HTML("", elem_id="compare-charts")
+        with gr.Accordion("Comparison (JSON)", open=False):
+            page.comparison = gr.JSON(label="Comparison", elem_id="compare-json")
+
+
 # ---------------------------------------------------------------------------
 # The events
 # ---------------------------------------------------------------------------
@@ -262,13 +285,15 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
             inputs=[*clamped_controls, p.cache, p.profile, p.calibrate, p.resample, p.frame_resolution],
             outputs=[*clamped_controls, p.preset, p.plan_view], preprocess=False, queue=False, **HIDDEN_API)
      .then(events.arm, inputs=p.session, outputs=[p.start_button, p.end_button], queue=False, **HIDDEN_API)
+     .then(rerun_buttons(False), outputs=[p.compare_button, p.render_button], queue=False, **HIDDEN_API)
      .then(generate_endpoint(events), inputs=job_inputs, outputs=[p.result_video, p.report, p.summary, p.preview,
                                                                    p.progress],
            api_name="generate", concurrency_limit=events.concurrency, concurrency_id="gpu", show_progress="minimal")
      .then(events.after_job, inputs=[p.session, p.profile, p.steps, p.frame_resolution],
            outputs=[p.start_button, p.end_button, p.profile, p.ratios_chart, p.preview, p.profile_status,
                     p.calibrate],
-           queue=False, **HIDDEN_API))
+           queue=False, **HIDDEN_API)
+     .then(rerun_buttons(True), outputs=[p.compare_button, p.render_button], queue=False, **HIDDEN_API))
     p.end_button.click(events.stop, inputs=p.session, outputs=None, queue=False, **HIDDEN_API)
     # the same End for API clients: `client.predict(api_name="/end")` from the Client that started the job
     # (its session); the hidden button only gives the endpoint a place in the page
@@ -277,3 +302,36 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
                          api_name="end")
     # every new page lists the profiles folder as it is now (profiles saved or copied in since start)
     demo.load(events.load_page, inputs=None, outputs=[p.profile, p.profile_status], queue=False, **HIDDEN_API)
+
+
+def rerun_events(page: types.SimpleNamespace, events: AppEvents) -> None:
+    """Compare with no cache (/compare) and Render without cache (/render_without_cache).
+
+    Each arms the session as Start does, runs the last finished job with the
+    cache Off in the GPU's queue, then restores the page as after any job.
+    """
+    p = page
+    rerun = RerunEvents(events)
+    job_outputs = [p.result_video, p.report, p.summary, p.preview, p.progress]
+    compare_outputs = [p.compare_panel, p.cached_video, p.uncached_video, p.comparison_summary,
+                       p.comparison_charts, p.comparison]
+    for button, action, outputs, api_name in (
+            (p.compare_button, rerun.compare, job_outputs + compare_outputs, "compare"),
+            (p.render_button, rerun.render_without_cache, job_outputs, "render_without_cache")):
+        (button
+         .click(events.arm, inputs=p.session, outputs=[p.start_button, p.end_button], queue=False, **HIDDEN_API)
+         .then(rerun_buttons(False), outputs=[p.compare_button, p.render_button], queue=False, **HIDDEN_API)
+         .then(action, inputs=p.session, outputs=outputs, api_name=api_name, concurrency_limit=events.concurrency,
+               concurrency_id="gpu", show_progress="minimal")
+         .then(events.after_job, inputs=[p.session, p.profile, p.steps, p.frame_resolution],
+               outputs=[p.start_button, p.end_button, p.profile, p.ratios_chart, p.preview, p.profile_status,
+                        p.calibrate],
+               queue=False, **HIDDEN_API)
+         .then(rerun_buttons(True), outputs=[p.compare_button, p.render_button], queue=False, **HIDDEN_API))
+
+
+def rerun_buttons(interactive: bool) -> Any:
+    """A handler that turns Compare and Render without cache on or off (off while a job of the page runs)."""
+    import gradio as gr
+
+    return lambda: (gr.update(interactive=interactive), gr.update(interactive=interactive))

@@ -157,8 +157,12 @@ def profile_status_html(note: str = "", left_out: str = "") -> str:
 
 
 def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: str,
-                     width: int = 460, height: int = 220) -> str:
-    """A small inline SVG line chart of magnitude ratios per step (no plotting library needed)."""
+                     width: int = 460, height: int = 220, x_label: str = "step",
+                     reference: float | None = 1.0) -> str:
+    """A small inline SVG line chart of magnitude ratios per step (no plotting library needed).
+
+    ``x_label`` names the x axis; a dashed line marks ``reference`` (ratio 1.0) when it is in range.
+    """
     series = [(name, [float(v) for v in values], color) for name, values, color in series if values]
     if not series:
         return ""
@@ -191,9 +195,10 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
                      f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
     for i in range(0, n_max, 5 if n_max > 12 else 1):
         parts.append(f'<text x="{x(i):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{i}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">step</text>')
-    if lo < 1.0 < hi:
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(1.0):.1f}" y2="{y(1.0):.1f}" '
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">'
+                 f'{html.escape(x_label)}</text>')
+    if reference is not None and lo < reference < hi:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(reference):.1f}" y2="{y(reference):.1f}" '
                      'stroke="#6b7280" stroke-dasharray="3 3"/>')
     for k, (name, values, color) in enumerate(series):
         # a table of another length is stretched over the same step axis (0 .. last step)
@@ -310,3 +315,55 @@ def summary_markdown(lines: Sequence[str]) -> str:
     head, *rest = lines
     body = "".join(f"\n- {html.escape(line, quote=False)}" for line in rest)
     return f"**{html.escape(head, quote=False)}**\n{body}"
+
+
+# ---------------------------------------------------------------------------
+# Compare with no cache
+# ---------------------------------------------------------------------------
+
+#: Where the PSNR chart draws a frame identical in both videos (its PSNR is infinite).
+PSNR_CHART_CAP = 60.0
+
+
+def psnr_for_chart(values: Sequence[float | str]) -> list[float]:
+    """Per-frame PSNR as drawn: "inf" (identical frames) and anything above the cap at :data:`PSNR_CHART_CAP`."""
+    return [min(float(v), PSNR_CHART_CAP) for v in values]
+
+
+def comparison_charts(comparison: dict[str, Any]) -> str:
+    """Per-frame PSNR and SSIM of the cached video against the uncached one, as two small charts."""
+    cache = comparison["cache"]
+    psnr = ratios_chart_svg([(f"{cache} vs Off", psnr_for_chart(comparison["psnr"]["per_frame"]), "#2563eb")],
+                            f"PSNR per frame (dB; identical frames drawn at {PSNR_CHART_CAP:.0f})",
+                            x_label="frame", reference=None)
+    ssim = ratios_chart_svg([(f"{cache} vs Off", comparison["ssim"]["per_frame"], "#dc2626")],
+                            "SSIM per frame (1 = identical)", x_label="frame", reference=None)
+    return f'<div class="mc-compare-charts" style="display:flex;flex-wrap:wrap;gap:8px">{psnr}{ssim}</div>'
+
+
+def _times(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{speedup:.2f}x"
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    """The comparison in words: both times, the measured speedups next to the planned one, the distances."""
+    c, u, speed = comparison["cached"], comparison["uncached"], comparison["speedup"]
+    psnr, ssim = comparison["psnr"], comparison["ssim"]
+    mean_db = psnr["mean_finite"] if isinstance(psnr["mean_finite"], str) else f"{psnr['mean_finite']:.2f}"
+    min_db = psnr["min"] if isinstance(psnr["min"], str) else f"{psnr['min']:.2f}"
+    planned = ("no plan (TeaCache decides as it runs)" if speed["planned"] is None
+               else f"planned {_times(speed['planned'])}")
+    lines = [
+        f"**{comparison['cache']} against no cache**, {comparison['frames']} frames",
+        f"- time: {c['seconds']:.1f} s with the cache, {u['seconds']:.1f} s without: {_times(speed['wall'])} "
+        f"measured ({planned})",
+        f"- sampling: {c['sampling_seconds']:.1f} s against {u['sampling_seconds']:.1f} s: "
+        f"{_times(speed['sampling'])}; computed {c['computed_steps']} of {c['total_steps']} steps",
+        f"- PSNR: mean {mean_db} dB over frames that differ ({psnr['identical_frames']} identical), "
+        f"worst {min_db} dB",
+        f"- SSIM: mean {ssim['mean']:.4f}, worst {ssim['min']:.4f}",
+        "",
+        "Both measure how far the cache moved the video from the one the same job makes without it, "
+        "not how good either video looks: watch both.",
+    ]
+    return "\n".join(lines)
