@@ -773,22 +773,13 @@ class AppEvents:
         """The /generate endpoint's body: check the inputs, then stream the job (a refused one says why)."""
         import gradio as gr
 
-        from magcache_framepack.job import read_image
-
         settings = None
         try:
             profile_path = self.catalog.path_for(mag_ratios)
             settings = typed_settings(prompt, n_prompt, seed, total_second_length, latent_window_size, steps,
                                       cfg, gs, rs, gpu_memory_preservation, cache, magcache_thresh, magcache_K,
                                       retention_ratio, calibrate, mp4_crf, resample, profile_path)
-            if isinstance(input_image, UnreadableImage):
-                raise ValueError(input_image.message)
-            if input_image is None:
-                raise ValueError("No input image: upload a picture, then press Start.")
-            image = read_image(input_image)    # says so if the file is not an image
-            settings.validate()
-            if profile_path is not None:
-                self.catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
+            image = self.checked_image(input_image, settings, mag_ratios)
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"Cannot start: {exc}"
             logger.info("%s", message)
@@ -799,6 +790,24 @@ class AppEvents:
             return
         yield from self.stream_job(session if session is not None else SessionJobs(), settings,
                                    image, str(input_image), mag_ratios)
+
+    def checked_image(self, input_image: Any, settings: JobSettings, mag_ratios: str | None) -> Any:
+        """The job's image, once the image, the settings and the chosen profile are known to be usable.
+
+        Raises ValueError saying what is wrong: no image, a file that is not one, a setting
+        out of range, a profile of another variant or model.
+        """
+        from magcache_framepack.job import read_image
+
+        if isinstance(input_image, UnreadableImage):
+            raise ValueError(input_image.message)
+        if input_image is None:
+            raise ValueError("No input image: upload a picture, then press Start.")
+        image = read_image(input_image)    # says so if the file is not an image
+        settings.validate()
+        if settings.mag_ratios is not None:
+            self.catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
+        return image
 
     def job_plan(self, settings: JobSettings, profile_choice: str | None, resolution: float) -> dict[str, Any]:
         """The plan this job runs in every section, and the table it comes from (as the page shows it).

@@ -367,3 +367,86 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
         "not how good either video looks: watch both.",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The settings grid
+# ---------------------------------------------------------------------------
+
+#: The grid table's columns: (header, GridRow field).
+GRID_COLUMNS = (("setting", "setting"), ("status", "status"), ("computed", "computed_steps"),
+                ("planned x", "planned_speedup"), ("measured x", "wall_speedup"),
+                ("sampling x", "sampling_speedup"), ("PSNR mean dB", "psnr_mean"), ("PSNR min dB", "psnr_min"),
+                ("SSIM mean", "ssim_mean"), ("SSIM min", "ssim_min"))
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return "inf" if value == float("inf") else round(value, 3 if abs(value) >= 1 else 4)
+    return "" if value is None else value
+
+
+def grid_table(rows: Sequence[Any]) -> dict[str, Any]:
+    """The grid's table as a Dataframe value: one row per cell that ran (a failed one says why)."""
+    data = []
+    for row in rows:
+        values = [_cell(getattr(row, field)) for _, field in GRID_COLUMNS]
+        if row.status != "done":
+            values[1] = f"{row.status}: {row.message}"
+        data.append(values)
+    return {"headers": [header for header, _ in GRID_COLUMNS], "data": data}
+
+
+def grid_status(rows: Sequence[Any], total: int, note: str) -> str:
+    """The line above the grid: where it is, or why it stopped."""
+    return f"**Grid:** {html.escape(note, quote=False)}" if note else ""
+
+
+def _scatter_svg(points: Sequence[tuple[float, float, str]], title: str, y_label: str,
+                 width: int = 320, height: int = 240) -> str:
+    """A small SVG scatter: x = measured speedup, y = the distance, each point labelled with its cell."""
+    if not points:
+        return ""
+    left, right, top, bottom = 46, 12, 22, 30
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_lo, x_hi = min(1.0, min(xs)), max(xs) * 1.05 + 0.05
+    y_pad = max((max(ys) - min(ys)) * 0.1, 0.01)
+    y_lo, y_hi = min(ys) - y_pad, max(ys) + y_pad
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(v: float) -> float:
+        return left + plot_w * (v - x_lo) / (x_hi - x_lo)
+
+    def py(v: float) -> float:
+        return top + plot_h * (y_hi - v) / (y_hi - y_lo)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+             f'style="max-width:{width}px;font:10px sans-serif" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="4" y="13" font-weight="bold">{html.escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#9ca3af"/>',
+             f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">measured speedup (x)</text>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{y_hi:.3g}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{y_lo:.3g}</text>',
+             f'<text x="{left}" y="{top + plot_h + 12}" text-anchor="middle">{x_lo:.2g}</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 12}" text-anchor="end">{x_hi:.2g}</text>',
+             f'<text x="10" y="{top + plot_h / 2:.1f}" transform="rotate(-90 10 {top + plot_h / 2:.1f})" '
+             f'text-anchor="middle">{html.escape(y_label)}</text>']
+    for x, y, label in points:
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="#2563eb">'
+                     f'<title>{html.escape(label)}: {x:.2f}x, {y:.4g}</title></circle>'
+                     f'<text x="{px(x) + 5:.1f}" y="{py(y) - 4:.1f}" font-size="9">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def grid_scatter(rows: Sequence[Any]) -> str:
+    """Speedup against PSNR and against SSIM to the uncached video, one point per finished cell.
+
+    A cell whose frames all equal the reference (infinite PSNR) is drawn at :data:`PSNR_CHART_CAP`.
+    """
+    done = [r for r in rows if r.status == "done" and r.wall_speedup is not None]
+    psnr = [(r.wall_speedup, min(r.psnr_mean, PSNR_CHART_CAP), r.setting) for r in done if r.psnr_mean is not None]
+    ssim = [(r.wall_speedup, r.ssim_mean, r.setting) for r in done if r.ssim_mean is not None]
+    charts = (_scatter_svg(psnr, "Speedup against PSNR to no cache", "PSNR mean (dB)")
+              + _scatter_svg(ssim, "Speedup against SSIM to no cache", "SSIM mean"))
+    return f'<div class="mc-grid-scatter" style="display:flex;flex-wrap:wrap;gap:8px">{charts}</div>' if charts else ""
