@@ -251,7 +251,7 @@ def grid_tab(page: types.SimpleNamespace) -> None:
     page.grid_status = gr.Markdown("", elem_id="grid-status")
     page.grid_table = gr.Dataframe(label="Cells", interactive=False, elem_id="grid-table")
     page.grid_scatter = gr.HTML("", elem_id="grid-scatter")
-    page.grid_videos = gr.Gallery(label="Each cell's video", columns=4, height="auto", elem_id="grid-videos")
+    page.grid_videos = gr.Gallery(label="Each cell's video", columns=4, height=300, elem_id="grid-videos")
     with gr.Row():
         page.grid_csv = gr.File(label="Grid as CSV", elem_id="grid-csv")
         page.grid_json = gr.File(label="Grid as JSON", elem_id="grid-json")

@@ -321,6 +321,11 @@ def summary_markdown(lines: Sequence[str]) -> str:
 # Compare with no cache
 # ---------------------------------------------------------------------------
 
+def cache_label(value: str) -> str:
+    """A cache's name as the Cache choice shows it ("magcache" -> "MagCache")."""
+    return {v: label for label, v in CACHE_CHOICES}.get(value, value)
+
+
 #: Where the PSNR chart draws a frame identical in both videos (its PSNR is infinite).
 PSNR_CHART_CAP = 60.0
 
@@ -332,7 +337,7 @@ def psnr_for_chart(values: Sequence[float | str]) -> list[float]:
 
 def comparison_charts(comparison: dict[str, Any]) -> str:
     """Per-frame PSNR and SSIM of the cached video against the uncached one, as two small charts."""
-    cache = comparison["cache"]
+    cache = cache_label(comparison["cache"])
     psnr = ratios_chart_svg([(f"{cache} vs Off", psnr_for_chart(comparison["psnr"]["per_frame"]), "#2563eb")],
                             f"PSNR per frame (dB; identical frames drawn at {PSNR_CHART_CAP:.0f})",
                             x_label="frame", reference=None)
@@ -348,13 +353,14 @@ def _times(speedup: float | None) -> str:
 def comparison_markdown(comparison: dict[str, Any]) -> str:
     """The comparison in words: both times, the measured speedups next to the planned one, the distances."""
     c, u, speed = comparison["cached"], comparison["uncached"], comparison["speedup"]
+    cache = cache_label(comparison["cache"])
     psnr, ssim = comparison["psnr"], comparison["ssim"]
     mean_db = psnr["mean_finite"] if isinstance(psnr["mean_finite"], str) else f"{psnr['mean_finite']:.2f}"
     min_db = psnr["min"] if isinstance(psnr["min"], str) else f"{psnr['min']:.2f}"
     planned = ("no plan (TeaCache decides as it runs)" if speed["planned"] is None
                else f"planned {_times(speed['planned'])}")
     lines = [
-        f"**{comparison['cache']} against no cache**, {comparison['frames']} frames",
+        f"**{cache} against no cache**, {comparison['frames']} frames",
         f"- time: {c['seconds']:.1f} s with the cache, {u['seconds']:.1f} s without: {_times(speed['wall'])} "
         f"measured ({planned})",
         f"- sampling: {c['sampling_seconds']:.1f} s against {u['sampling_seconds']:.1f} s: "
