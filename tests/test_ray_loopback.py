@@ -13,10 +13,10 @@ import ipaddress
 import logging
 import os
 
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
-psutil = pytest.importorskip("psutil")
 
 from magcache_framepack.runners import ray as ray_runner
 from magcache_framepack.runners.ray import LocalRayRefused, local_ray_refusal, start_local
