@@ -30,6 +30,7 @@ imports ``ray`` at the top but works (to say what to install) without it:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -223,6 +224,105 @@ def make_task(values: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     return task
 
 
+#: The one address a local Ray (``--ray`` without an address, the bench, the tests) listens on.
+LOOPBACK = "127.0.0.1"
+
+
+class LocalRayRefused(RuntimeError):
+    """A local Ray would listen beyond loopback without Ray's token authentication: it is not (or no longer) up."""
+
+
+def local_ray_refusal(address: str, token_auth: bool) -> str | None:
+    """Why a local Ray whose node address is ``address`` must not run; None when it may.
+
+    On loopback nothing outside this machine can reach it.  Any other address is
+    reachable from the network, and a Ray port runs whatever code it is sent, so
+    that is allowed only behind Ray's token authentication.
+    """
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if ip is not None and ip.is_loopback:
+        return None
+    if token_auth:
+        return None
+    return (f"not starting a local Ray: it would listen on {address}, beyond loopback, without Ray's token "
+            "authentication (that needs RAY_AUTH_MODE=token and a Ray that has it)")
+
+
+def _token_auth_on(before_start: bool = False) -> bool:
+    """Whether Ray's token authentication is on in this process (False for a Ray that has none).
+
+    ``before_start``: whether it will be on for the Ray about to start, by RAY_AUTH_MODE.
+    """
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return False
+    if before_start:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return bool(is_token_auth_enabled())
+
+
+@contextlib.contextmanager
+def _loopback_node_address() -> Any:
+    """While a local Ray starts, let it keep 127.0.0.1 as its node address; yields whether that was possible.
+
+    Why: every Ray component binds to the node address (GCS, raylet, object manager,
+    each worker, the driver's own port, the runtime-env agent), but on Linux
+    ``ray.init(_node_ip_address="127.0.0.1")`` swaps loopback for the machine's
+    own address (services.resolve_ip_for_localhost), unless
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is off.  The switch is off only for the
+    start, and put back after; joining a cluster never passes here.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:
+        ray_constants = None
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield False
+        return
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield True
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
+def start_local(num_cpus: int | None = None, num_gpus: int | None = None, verbose: bool = False,
+                logging_level: int = logging.INFO) -> str:
+    """Start Ray on this machine, every port on loopback; returns the node address it listens on.
+
+    Where this Ray cannot be held to loopback, it runs only with Ray's token
+    authentication (RAY_AUTH_MODE=token is set here when it is unset), else
+    :class:`LocalRayRefused` says why, before Ray starts or right after.
+    """
+    require_ray()
+    with _loopback_node_address() as pinned:
+        if not pinned:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            refusal = local_ray_refusal("the machine's own address", _token_auth_on(before_start=True))
+            if refusal:
+                raise LocalRayRefused(refusal)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+                 log_to_driver=verbose, logging_level=logging_level)
+    address = ray.util.get_node_ip_address()
+    auth = _token_auth_on()
+    refusal = local_ray_refusal(address, auth)
+    if refusal:
+        ray.shutdown()
+        raise LocalRayRefused(refusal)
+    if local_ray_refusal(address, token_auth=False):
+        logger.warning("Local Ray listens on %s, beyond loopback, behind Ray's token authentication", address)
+    else:
+        logger.info("Local Ray: every port on %s (token authentication %s)", address, "on" if auth else "off")
+    return address
+
+
 def connect(address: str, verbose: bool = False) -> bool:
     """Ray up: an existing session is used as is; "local" starts one on this machine; else join ``address``.
 
@@ -232,7 +332,7 @@ def connect(address: str, verbose: bool = False) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(_node_ip_address="127.0.0.1", log_to_driver=verbose, include_dashboard=False)
+        start_local(verbose=verbose)
     else:
         ray.init(address=address, log_to_driver=verbose)
     return True
