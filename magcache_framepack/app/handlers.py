@@ -33,7 +33,7 @@ from magcache_framepack.app.views import (
     CUSTOM_PRESET, LIBRARY, PUBLISHED, job_report, message_html, plan_message, plan_panel, preset_for,
     preset_values, profile_status_html, progress_html, ratios_in_use_chart, calibration_chart, SkipPlan,
     summary_markdown, format_duration, eta_seconds)
-from magcache_framepack.settings import LIMITS, JobSettings, section_count
+from magcache_framepack.settings import LIMITS, JobSettings, section_count, setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -634,13 +634,11 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
     """
     if not isinstance(calibrate, bool):
         raise TypeError(f"calibrate = {calibrate!r}: must be true or false")
-    numbers = {name: typed_number(name, value, shown) for name, value, shown in (
-        ("seed", seed, "seed"), ("seconds", total_second_length, "total_second_length"),
-        ("latent_window_size", latent_window_size, "latent_window_size"), ("steps", steps, "steps"),
-        ("cfg", cfg, "cfg"), ("gs", gs, "gs"), ("rs", rs, "rs"),
-        ("gpu_memory_preservation", gpu_memory_preservation, "gpu_memory_preservation"),
-        ("magcache_thresh", magcache_thresh, "magcache_thresh"), ("magcache_K", magcache_K, "magcache_K"),
-        ("retention_ratio", retention_ratio, "retention_ratio"), ("crf", mp4_crf, "mp4_crf"))}
+    sent = {"seed": seed, "total_second_length": total_second_length, "latent_window_size": latent_window_size,
+            "steps": steps, "cfg": cfg, "gs": gs, "rs": rs, "gpu_memory_preservation": gpu_memory_preservation,
+            "magcache_thresh": magcache_thresh, "magcache_K": magcache_K, "retention_ratio": retention_ratio,
+            "mp4_crf": mp4_crf}
+    numbers = {setting_name(shown): typed_number(setting_name(shown), value, shown) for shown, value in sent.items()}
     return JobSettings(prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), cache=str(cache),
                        mag_ratios=str(profile_path) if profile_path else None, calibrate=calibrate,
                        resample=str(resample), **numbers)
