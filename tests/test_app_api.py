@@ -16,10 +16,13 @@ from typing import Any
 
 import pytest
 
-from magcache_framepack.app import GENERATE_OUTPUTS
+import test_app
+from magcache_framepack.app import GENERATE_OUTPUTS, main
 from magcache_framepack.app.handlers import JobStream, StepClock
 from magcache_framepack.app.serve import build_parser
 from test_app import ONE_SECTION, Server, wait_for
+
+fake_main = test_app.fake_main          # the fixture: main() with loading, building and serving recorded
 
 LOGGER = "magcache_framepack.app.handlers"
 
@@ -157,6 +160,19 @@ def test_a_retry_event_starts_the_page_over_and_says_why() -> None:
     assert "running it again" in bar
 
 
-def test_the_apps_max_retries_flag() -> None:
-    assert build_parser("framepack").parse_args([]).max_retries == 1        # the default for the app
-    assert build_parser("f1").parse_args(["--ray", "--max-retries", "0"]).max_retries == 0
+def test_the_apps_max_retries_reach_its_ray_pool(fake_main: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    from magcache_framepack.runners import ray as ray_runners
+
+    pools: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(ray_runners, "require_ray", lambda: None)
+    monkeypatch.setattr(ray_runners, "start_app_runner", lambda *args: pools.append(args) or "pool")
+    outputs = ["--outputs", str(tmp_path / "out"), "--profiles", str(tmp_path / "profiles")]
+    main("framepack", ["--tiny", "--ray", *outputs])
+    main("f1", ["--tiny", "--ray", "--max-retries", "3", *outputs])
+    assert pools == [("local", "framepack", True, None, 1), ("local", "f1", True, None, 3)]   # default 1
+    assert fake_main["build"][2]["runner"] == "pool"
+    with pytest.raises(SystemExit) as exc:
+        main("framepack", ["--tiny", "--ray", "--max-retries", "-1", *outputs])
+    assert exc.value.code == 2 and "--max-retries must be 0 or more, got -1" in capsys.readouterr().err
+    assert build_parser("framepack").parse_args([]).max_retries == 1
