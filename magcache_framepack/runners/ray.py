@@ -576,10 +576,14 @@ class AppRunner:
     ("progress", ProgressUpdate), ("section", SectionReport) and always a final
     ("done", JobResult) on ``job.events``; ``job.stop`` ends the job on its worker.
     ``concurrency`` jobs run at once (one per worker); the app queues the rest.
+    A job whose worker dies runs again on a fresh one, at most ``max_retries`` more times (the
+    CLI's rule, :class:`Batch`); a ("retry", text) event tells the page, and the result's
+    message says that it ran again.
     """
 
-    def __init__(self, variant: str, tiny: bool, workers: int, threads: int | None = 1) -> None:
+    def __init__(self, variant: str, tiny: bool, workers: int, threads: int | None = 1, max_retries: int = 1) -> None:
         self.variant, self.tiny = variant, tiny
+        self.max_retries = max_retries
         self.factory = ActorFactory(variant, tiny, threads=threads)
         self.concurrency = workers
         self.idle: queue.Queue[Slot] = queue.Queue()
@@ -646,8 +650,49 @@ class AppRunner:
         Image.fromarray(image).save(image_file)
         values = dataclasses.asdict(settings)
         values.update(image=str(image_file), variant=self.variant, tiny=self.tiny)
-        task = make_task(values, stream=True)
-        started = time.perf_counter()
+        losses: list[str] = []
+        while True:
+            task = make_task(values, stream=True)
+            started = time.perf_counter()
+            try:
+                out = self._attempt(slot, job, task, outputs)
+                result = out["result"]
+                if not (result.status == "error" and result.message.startswith(OOM_MESSAGE)):
+                    break
+                reason = result.message          # CUDA out of memory: a fresh worker, as the CLI does
+            except WORKER_LOST as exc:
+                reason = describe_loss(exc)
+            except RayTaskError as exc:    # the job raised on the worker (its values); the worker is fine
+                return JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
+            losses.append(reason)
+            logger.error("the Ray worker %d running a job was lost: %s; replacing it", slot.index, reason)
+            slot = self.factory.replace(slot)
+            slot.pid = ray.get(slot.ready_ref)["pid"]
+            if len(losses) > self.max_retries or job.stop.is_set():
+                return JobResult(status="error", message=lost_message(losses, self.max_retries)), slot
+            job.events.put(("retry", (f"The Ray worker running this job was lost ({reason}); running it again "
+                                      f"on a fresh worker (retry {len(losses)} of {self.max_retries}).")))
+        self.history.append((slot.index, started, time.perf_counter()))
+        if losses:
+            result.message += (f" It ran again after its Ray worker was lost {len(losses)} time(s) "
+                               f"(last: {losses[-1]}).")
+        for section in result.sections:
+            section.video_path = str(outputs / pathlib.Path(section.video_path).name)
+        if out["files"]:
+            result.video_path = str(_write_files(out["files"], outputs))
+        elif result.video_path:
+            result.video_path = str(outputs / pathlib.Path(result.video_path).name)
+        if out["profile"] is not None:
+            name, data = out["profile"]
+            result.profile_path = str(write_atomic(profiles / name, data))
+        return result, slot
+
+    @staticmethod
+    def _attempt(slot: Slot, job: Any, task: dict[str, Any], outputs: pathlib.Path) -> dict[str, Any]:
+        """Run ``task`` on ``slot``'s worker, forwarding its events to the page; what the worker returned.
+
+        Raises what ``ray.get`` raises: a lost worker (WORKER_LOST) or the job's own error (RayTaskError).
+        """
         ref = slot.actor.run.remote(task)
         stop_sent = False
 
@@ -660,35 +705,19 @@ class AppRunner:
                 else:
                     job.events.put(event)
 
-        try:
-            while not ray.wait([ref], timeout=POLL_SECONDS)[0]:
-                if job.stop.is_set() and not stop_sent:
-                    slot.actor.stop.remote(task["token"])
-                    stop_sent = True
-                forward(ray.get(slot.actor.poll.remote(task["token"])))
+        while not ray.wait([ref], timeout=POLL_SECONDS)[0]:
+            if job.stop.is_set() and not stop_sent:
+                slot.actor.stop.remote(task["token"])
+                stop_sent = True
             forward(ray.get(slot.actor.poll.remote(task["token"])))
-            out = ray.get(ref)
-        except WORKER_LOST as exc:
-            reason = describe_loss(exc)
-            logger.error("the Ray worker %d running a job was lost: %s; replacing it", slot.index, reason)
-            slot = self.factory.replace(slot)
-            slot.pid = ray.get(slot.ready_ref)["pid"]
-            return JobResult(status="error", message=f"The worker running this job was lost "
-                                               f"({reason}); it has been replaced: press Start again."), slot
-        except RayTaskError as exc:    # the job raised on the worker (its values); the worker is fine
-            return JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
-        self.history.append((slot.index, started, time.perf_counter()))
-        result = out["result"]
-        for section in result.sections:
-            section.video_path = str(outputs / pathlib.Path(section.video_path).name)
-        if out["files"]:
-            result.video_path = str(_write_files(out["files"], outputs))
-        elif result.video_path:
-            result.video_path = str(outputs / pathlib.Path(result.video_path).name)
-        if out["profile"] is not None:
-            name, data = out["profile"]
-            result.profile_path = str(write_atomic(profiles / name, data))
-        return result, slot
+        forward(ray.get(slot.actor.poll.remote(task["token"])))
+        return ray.get(ref)
+
+
+def lost_message(losses: Sequence[str], max_retries: int) -> str:
+    """Why a job failed when its worker was lost on every try (as the CLI's line says it)."""
+    return (f"Failed {len(losses)} time(s), its Ray worker lost each time (--max-retries {max_retries}); "
+            f"last: {losses[-1]}. The worker has been replaced: press Start to try again.")
 
 
 def _write_files(files: dict[str, bytes], folder: pathlib.Path) -> pathlib.Path:
@@ -698,9 +727,13 @@ def _write_files(files: dict[str, bytes], folder: pathlib.Path) -> pathlib.Path:
     return folder / video
 
 
-def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None) -> AppRunner:
-    """Ray up, and the app's worker pool: one worker per GPU (tiny: ``workers`` CPU workers, default 2)."""
+def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None,
+                     max_retries: int = 1) -> AppRunner:
+    """Ray up, and the app's worker pool: one worker per GPU (tiny: ``workers`` CPU workers, default 2).
+
+    A job whose worker dies runs again up to ``max_retries`` more times (the app's --max-retries).
+    """
     connect(address)
     count = worker_count(tiny, workers)
     logger.info("Starting %d Ray worker(s) for the app%s ...", count, " (tiny, CPU)" if tiny else "")
-    return AppRunner(variant, tiny, count)
+    return AppRunner(variant, tiny, count, max_retries=max_retries)
