@@ -64,6 +64,10 @@ class Limit:
     integer: bool = False
     step: float | None = None    # the UI slider's step
     hint: str = ""               # what FramePack or the paper uses, for error messages
+    #: whether the apps move a value beyond the range to the nearest accepted one (a magnitude) or
+    #: refuse it, as the CLI refuses every one (the seed: it names a noise, and the nearest seed is
+    #: another video, not a nearby one)
+    movable: bool = True
 
     def accepts(self, value: Any) -> bool:
         ok = is_int(value) if self.integer else is_real(value)
@@ -76,13 +80,13 @@ class Limit:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a number"
-        low, high = (int(self.low), int(self.high)) if self.integer else (self.low, self.high)
-        return f"must be {kind} from {low:g} to {high:g}" + (f" ({self.hint})" if self.hint else "")
+        low, high = (f"{int(self.low)}", f"{int(self.high)}") if self.integer else (f"{self.low:g}", f"{self.high:g}")
+        return f"must be {kind} from {low} to {high}" + (f" ({self.hint})" if self.hint else "")
 
 
 #: Every numeric job setting's range: the one definition the apps, the API and the CLI use.
 LIMITS: Mapping[str, Limit] = types.MappingProxyType({
-    "seed": Limit(0, 2 ** 63 - 1, integer=True),
+    "seed": Limit(0, 2 ** 63 - 1, integer=True, movable=False),
     "seconds": Limit(1, 120, step=0.1, hint="seconds of video"),
     "latent_window_size": Limit(1, 33, integer=True, step=1, hint="FramePack uses 9"),
     "steps": Limit(1, 100, integer=True, step=1, hint="FramePack uses 25"),
@@ -149,10 +153,11 @@ class JobSettings:
     def clamped(self) -> "JobSettings":
         """A copy with every numeric field moved into :data:`LIMITS` (what a UI runs when a box is overtyped).
 
-        Values that are not numbers at all are left for :meth:`validate` to refuse.
+        Values that are not numbers at all, and a seed out of its range (:attr:`Limit.movable`), are
+        left for :meth:`validate` to refuse.
         """
         changes = {name: limit.clamp(getattr(self, name)) for name, limit in LIMITS.items()
-                   if is_real(getattr(self, name))}
+                   if is_real(getattr(self, name)) and limit.movable}
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:

@@ -29,6 +29,7 @@ def frame_count(path: Path) -> int:
     (["--calibrate", "--cache", "off"], "--calibrate measures with MagCache"),
     (["--mag-ratios", "nope.json"], "--mag-ratios: profile file not found"),
     (["--cfg", "0.5"], "--cfg must be a number from 1 to 32"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 9223372036854775807, got -1"),   # as the app refuses it
 ])
 def test_bad_arguments_are_argparse_errors(image: Path, capsys: pytest.CaptureFixture,
                                            extra: list[str], expected: str) -> None:

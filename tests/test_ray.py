@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -28,7 +29,7 @@ ray = pytest.importorskip("ray", reason="Ray is optional: pip install -r require
 
 from magcache_framepack.cli import main
 from magcache_framepack.runners.ray import (ActorFactory, AppRunner, Batch, BatchJob, CRASH_PROMPT_ENV, Slot,
-                                            plan_jobs, worker_count)
+                                            plan_jobs, start_local, worker_count)
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +41,7 @@ JOB_FLAGS = ["--tiny", "--seconds", "1", "--steps", "4", "--no-progress"]
 def local_ray() -> Any:
     old = os.environ.get(CRASH_PROMPT_ENV)
     os.environ[CRASH_PROMPT_ENV] = CRASH_PROMPT      # inherited by the workers Ray starts
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="WARNING")
+    start_local(num_cpus=2, num_gpus=0, logging_level=logging.WARNING)     # as --ray starts it: loopback only
     try:
         yield ray
     finally:

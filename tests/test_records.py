@@ -42,8 +42,12 @@ def test_limits_are_one_table_and_clamp_into_it() -> None:
     s = JobSettings(prompt="x", steps=500, retention_ratio=1.0, magcache_thresh=2.5, magcache_K=0.4,
                        seed=-3, crf=99.6, seconds=0.2)
     c = s.clamped()
-    assert (c.steps, c.retention_ratio, c.magcache_thresh, c.magcache_K, c.seed, c.crf,
-            c.seconds) == (100, 0.99, 1.0, 1, 0, 51, 1)
+    assert (c.steps, c.retention_ratio, c.magcache_thresh, c.magcache_K, c.crf,
+            c.seconds) == (100, 0.99, 1.0, 1, 51, 1)
+    assert c.seed == -3        # a seed is not moved (the nearest seed is another video): it is refused
+    with pytest.raises(ValueError, match="seed = -3: must be an integer from 0 to 9223372036854775807"):
+        c.validate()
+    c.seed = 3
     c.validate()                                    # a clamped job is a valid job
     for name, limit in LIMITS.items():
         assert limit.accepts(limit.low) and limit.accepts(limit.high)

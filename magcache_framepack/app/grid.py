@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from magcache_framepack.app.handlers import AppEvents, Job, SessionJobs, take_events, typed_settings
+from magcache_framepack.app.handlers import AppEvents, Job, SessionJobs, into_range, take_events, typed_settings
 from magcache_framepack.app.views import grid_scatter, grid_status, grid_table
 from magcache_framepack.grid import (GridCell, GridRow, cell_settings, failed_row, grid_cells, parse_values,
                                      rows_csv, rows_json, scored_row)
@@ -76,9 +76,10 @@ class GridEvents:
                                parse_values(retentions, "retention_ratio"))
             e = self.events
             d = e.defaults
-            settings = typed_settings(prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg,
-                                      gs, rs, gpu_memory_preservation, "magcache", d.magcache_thresh, d.magcache_K,
-                                      d.retention_ratio, False, mp4_crf, resample, e.catalog.path_for(mag_ratios))
+            settings, _ = into_range(typed_settings(
+                prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg, gs, rs,
+                gpu_memory_preservation, "magcache", d.magcache_thresh, d.magcache_K, d.retention_ratio, False,
+                mp4_crf, resample, e.catalog.path_for(mag_ratios)))
             image = e.checked_image(input_image, settings, mag_ratios)
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"Cannot start the grid: {exc}"

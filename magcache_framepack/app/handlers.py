@@ -33,7 +33,7 @@ from magcache_framepack.app.views import (
     CUSTOM_PRESET, LIBRARY, PUBLISHED, job_report, message_html, plan_message, plan_panel, preset_for,
     preset_values, profile_status_html, progress_html, ratios_in_use_chart, calibration_chart, SkipPlan,
     summary_markdown, format_duration, eta_seconds)
-from magcache_framepack.settings import LIMITS, JobSettings, section_count
+from magcache_framepack.settings import LIMITS, JobSettings, section_count, setting_name
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,69 @@ def checked_image(component: Any) -> Any:
     return component
 
 
+def raw_when_refused(component: Any) -> Any:
+    """Make this input hand the job the value a client sent when Gradio's own check refuses it.
+
+    Gradio 6's sliders refuse a number beyond their range (Gradio 5's pass it on), and its
+    numbers and radios refuse a value of the wrong type, before the event function runs: the
+    client gets Gradio's message, or none, and the server log a traceback.  The job's rule is
+    the page's (:func:`into_range` moves numbers into range; anything else is refused with a
+    message naming the input), so this one instance's ``preprocess`` passes such a value on
+    for :meth:`AppEvents.run` to move or refuse, in one line.
+    """
+    check = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return check(payload)
+        except Exception:  # noqa: BLE001 - Gradio's Error, or TypeError for a wrong type: the job says why
+            return payload
+
+    component.preprocess = preprocess
+    return component
+
+
+def refusals_in_one_line(demo: Any) -> Any:
+    """Make Gradio's refusals of an event's inputs one log line and a message for the client.
+
+    Before any event function runs, Gradio checks that a file input is a file the client
+    uploaded, in the shape of its file data: a path such as /etc/passwd, or a bare string, is
+    refused there with a traceback in the server log, and (not being a ``gradio.Error``) the
+    client is told nothing (``{"error": null}``).  This wraps the one app's ``preprocess_data``,
+    the step both Gradio 5 and 6 run those checks in, so such a refusal becomes
+    ``gradio.Error(reason, print_exception=False)`` and one INFO line.  Other exceptions (not
+    about the request) keep their traceback.
+    """
+    import gradio as gr
+
+    check = demo.preprocess_data
+
+    async def preprocess_data(block_fn: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await check(block_fn, inputs, *args, **kwargs)
+        except (gr.Error, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:   # malformed data
+            reason = input_refusal(exc)
+            logger.info("Refused a request to /%s: %s", getattr(block_fn, "api_name", None) or "?", reason)
+            raise gr.Error(reason, print_exception=False) from None
+
+    demo.preprocess_data = preprocess_data
+    return demo
+
+
+def input_refusal(exc: BaseException) -> str:
+    """One line saying why Gradio refused a request's inputs (see :func:`refusals_in_one_line`)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and hasattr(exc, "title"):       # pydantic: the value is not Gradio's file data
+        first = (errors() or [{}])[0]
+        return (f"{exc.title}: {first.get('msg', 'not valid')}, got {first.get('input')!r:.200}; "
+                "send a file as an upload (gradio_client: handle_file(path))")
+    text = str(getattr(exc, "message", None) or exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, ValueError) or hasattr(exc, "message"):     # a ValueError or gradio.Error says why itself
+        return line
+    return f"the request's inputs are malformed ({type(exc).__name__}: {line})"
+
+
 @dataclasses.dataclass(frozen=True)
 class JobRequest:
     """What a job was started with: enough to run it again (Compare, Render without cache)."""
@@ -561,6 +624,12 @@ class JobStream:
                 self.lines.append(payload.summary())
             elif kind == "done":
                 self.result = payload
+            elif kind == "retry":       # the job runs again from its start (a lost Ray worker): say so
+                self.sections.clear()
+                self.lines = [payload]
+                self.video = None
+                self.clock.last = None
+                bar = progress_html(0, payload)
         if latest is not None:
             label = latest.desc
             if latest.step >= 1:
@@ -573,23 +642,67 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
                    steps: Any, cfg: Any, gs: Any, rs: Any, gpu_memory_preservation: Any, cache: Any,
                    magcache_thresh: Any, magcache_K: Any, retention_ratio: Any, calibrate: Any, mp4_crf: Any,
                    resample: Any, profile_path: pathlib.Path | None) -> JobSettings:
-    """The settings a job runs from what a UI or API client typed, moved into the limits.
+    """The settings a UI or API client typed, as numbers, before they are moved into the limits.
 
-    Clamping here means the job, the page and the report all show the values
-    that really ran; a value that is not a number raises (TypeError or ValueError).
+    :func:`into_range` then moves them as the page's Start does, so the job, the page and the
+    report all show the values that really ran.  A value that is not a number, or a Calibrate
+    that is not true or false, raises ValueError (TypeError) naming the input and what it accepts.
     The page and the /generate endpoint keep FramePack's names for two inputs,
     ``total_second_length`` and ``mp4_crf``, so API clients keep working; this is
     the one place they become JobSettings' ``seconds`` and ``crf``.
     """
-    return JobSettings(
-        prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), seed=int(float(seed)),
-        seconds=float(total_second_length),
-        latent_window_size=float(latent_window_size), steps=float(steps), cfg=float(cfg),
-        gs=float(gs), rs=float(rs), gpu_memory_preservation=float(gpu_memory_preservation),
-        cache=str(cache), magcache_thresh=float(magcache_thresh),
-        magcache_K=float(magcache_K), retention_ratio=float(retention_ratio),
-        mag_ratios=str(profile_path) if profile_path else None, calibrate=bool(calibrate),
-        crf=float(mp4_crf), resample=str(resample)).clamped()
+    if not isinstance(calibrate, bool):
+        raise TypeError(f"calibrate = {calibrate!r}: must be true or false")
+    sent = {"seed": seed, "total_second_length": total_second_length, "latent_window_size": latent_window_size,
+            "steps": steps, "cfg": cfg, "gs": gs, "rs": rs, "gpu_memory_preservation": gpu_memory_preservation,
+            "magcache_thresh": magcache_thresh, "magcache_K": magcache_K, "retention_ratio": retention_ratio,
+            "mp4_crf": mp4_crf}
+    numbers = {setting_name(shown): typed_number(setting_name(shown), value, shown) for shown, value in sent.items()}
+    return JobSettings(prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), cache=str(cache),
+                       mag_ratios=str(profile_path) if profile_path else None, calibrate=calibrate,
+                       resample=str(resample), **numbers)
+
+
+def typed_number(name: str, value: Any, shown: str) -> int | float:
+    """The number a client sent for the setting ``name`` (its input is called ``shown``), not yet in range.
+
+    Integers stay exact (a seed near 2**63 survives); a number in a string is read as one; anything
+    else raises ValueError saying what the input accepts (:data:`LIMITS`).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    try:
+        number = float(value) if isinstance(value, (float, str)) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{shown} = {value!r}: {LIMITS[name].describe()}")
+    return number
+
+
+def into_range(typed: JobSettings) -> tuple[JobSettings, dict[str, dict[str, Any]]]:
+    """``typed`` moved into :data:`LIMITS` as the page's Start moves it, and what moved.
+
+    The second item is ``{setting: {"given": value sent, "used": value run}}`` for each value
+    that changed (JobSettings' names, as in the report's settings); the report carries it so
+    an API client sees what its job ran with.
+    """
+    settings = typed.clamped()
+    moved = {name: {"given": getattr(typed, name), "used": getattr(settings, name)} for name in LIMITS
+             if getattr(typed, name) != getattr(settings, name)}
+    return settings, moved
+
+
+def with_moves(report: Any, moved: dict[str, dict[str, Any]]) -> Any:
+    """The job report with ``moved_into_range`` (see :func:`into_range`); a page update passes unchanged."""
+    if not isinstance(report, dict) or "__type__" in report:
+        return report
+    return {**report, "moved_into_range": moved}
 
 
 #: The number boxes Start moves into their limits, in the order :meth:`AppEvents.clamp_at_start` takes them.
@@ -774,22 +887,29 @@ class AppEvents:
         import gradio as gr
 
         settings = None
+        moved: dict[str, dict[str, Any]] = {}
         try:
             profile_path = self.catalog.path_for(mag_ratios)
-            settings = typed_settings(prompt, n_prompt, seed, total_second_length, latent_window_size, steps,
-                                      cfg, gs, rs, gpu_memory_preservation, cache, magcache_thresh, magcache_K,
-                                      retention_ratio, calibrate, mp4_crf, resample, profile_path)
+            settings, moved = into_range(typed_settings(
+                prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg, gs, rs,
+                gpu_memory_preservation, cache, magcache_thresh, magcache_K, retention_ratio, calibrate, mp4_crf,
+                resample, profile_path))
             image = self.checked_image(input_image, settings, mag_ratios)
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"Cannot start: {exc}"
             logger.info("%s", message)
             gr.Warning(message)
-            yield (None, job_report(None, [], status="error", message=message, settings=settings,
-                                    variant=self.variant, profile_choice=mag_ratios),
+            yield (None, with_moves(job_report(None, [], status="error", message=message, settings=settings,
+                                               variant=self.variant, profile_choice=mag_ratios), moved),
                    summary_markdown([f"error: {message}"]), None, "")
             return
-        yield from self.stream_job(session if session is not None else SessionJobs(), settings,
-                                   image, str(input_image), mag_ratios)
+        if moved:
+            logger.info("job values moved into range: %s", ", ".join(
+                f"{name} {change['given']!r} -> {change['used']!r}" for name, change in moved.items()))
+        for outputs in self.stream_job(session if session is not None else SessionJobs(), settings,
+                                       image, str(input_image), mag_ratios):
+            video, report, *rest = outputs
+            yield (video, with_moves(report, moved), *rest)
 
     def checked_image(self, input_image: Any, settings: JobSettings, mag_ratios: str | None) -> Any:
         """The job's image, once the image, the settings and the chosen profile are known to be usable.

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import magcache_core
 
 from magcache_framepack.app.handlers import (CLAMPED_NAMES, AppEvents, Runner, SessionJobs, checked_image,
-                                             generate_endpoint, profile_selection, ratios_chart_html)
+                                             generate_endpoint, profile_selection, ratios_chart_html,
+                                             raw_when_refused, refusals_in_one_line)
 from magcache_framepack.app.grid import GridEvents, grid_endpoint
 from magcache_framepack.app.rerun import RerunEvents
 from magcache_framepack.app.views import (CACHE_CHOICES, CUSTOM_PRESET, HELP, QUICK_PROMPTS, preset_values,
@@ -85,7 +86,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
         rerun_events(page, events)
         grid_events(page, events)
     demo.queue()
-    return demo
+    return refusals_in_one_line(demo)
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +310,9 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
                   p.steps, p.cfg, p.gs, p.rs, p.gpu_memory_preservation, p.cache, p.magcache_thresh, p.magcache_K,
                   p.retention_ratio, p.profile, p.calibrate, p.crf, p.resample, p.session]
     clamped_controls = [getattr(p, name) for name in CLAMPED_NAMES]
+    for control in (p.seed, p.seconds, p.latent_window_size, p.steps, p.cfg, p.gs, p.rs, p.gpu_memory_preservation,
+                    p.cache, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.calibrate, p.crf, p.resample):
+        raw_when_refused(control)     # the job moves a number into range, or refuses a value, in one line
     # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it
     clamped = p.start_button.click(
         events.clamp_at_start, inputs=[*clamped_controls, p.cache, p.profile, p.calibrate, p.resample,

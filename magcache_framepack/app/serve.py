@@ -70,6 +70,8 @@ def build_parser(variant: str) -> argparse.ArgumentParser:
                              "Needs: pip install -r requirements-ray.txt")
     parser.add_argument("--workers", type=int, metavar="N", default=None,
                         help="with --ray: number of workers (default one per GPU; with --tiny 2 CPU workers)")
+    parser.add_argument("--max-retries", type=int, metavar="N", default=1,
+                        help="with --ray: runs of a job again on a fresh worker after its worker died (default 1)")
     return parser
 
 
@@ -148,8 +150,10 @@ def _ray_runner(parser: argparse.ArgumentParser, args: argparse.Namespace, varia
         sys.exit(f"{parser.prog}: --ray: {exc}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.max_retries < 0:
+        parser.error(f"--max-retries must be 0 or more, got {args.max_retries}")
     try:
-        return start_app_runner(args.ray, variant, args.tiny, args.workers)
+        return start_app_runner(args.ray, variant, args.tiny, args.workers, args.max_retries)
     except (RuntimeError, ConnectionError) as exc:
         sys.exit(f"{parser.prog}: --ray: {exc}")
 

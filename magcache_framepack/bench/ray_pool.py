@@ -36,12 +36,11 @@ def bench(jobs: int, worker_counts: Sequence[int], seconds: float, steps: int,
     import ray
     from PIL import Image
 
-    from magcache_framepack.runners.ray import ActorFactory, Batch, BatchJob, Slot, plan_jobs
+    from magcache_framepack.runners.ray import ActorFactory, Batch, BatchJob, Slot, plan_jobs, start_local
 
     started_here = False
     if not ray.is_initialized():
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 logging_level="WARNING")
+        start_local(num_cpus=cpus, logging_level=logging.WARNING)
         started_here = True
     rows = []
     try:
@@ -102,13 +101,16 @@ def run(args: argparse.Namespace) -> int:
     """One JSON line per worker count as it is measured, then the table."""
     import platform
 
-    from magcache_framepack.runners.ray import require_ray
+    from magcache_framepack.runners.ray import LocalRayRefused, require_ray
 
     try:
         require_ray()
     except ImportError as exc:
         raise UsageError(str(exc)) from None
-    rows = bench(args.jobs, args.workers, args.seconds, args.steps, args.cpus)
+    try:
+        rows = bench(args.jobs, args.workers, args.seconds, args.steps, args.cpus)
+    except LocalRayRefused as exc:
+        raise UsageError(str(exc)) from None
     base = rows[0]["jobs_seconds"]
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} tiny jobs "
           f"({args.seconds:g} s, {args.steps} steps), 1 torch thread per worker\n")

@@ -30,6 +30,7 @@ imports ``ray`` at the top but works (to say what to install) without it:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -223,6 +224,105 @@ def make_task(values: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     return task
 
 
+#: The one address a local Ray (``--ray`` without an address, the bench, the tests) listens on.
+LOOPBACK = "127.0.0.1"
+
+
+class LocalRayRefused(RuntimeError):
+    """A local Ray would listen beyond loopback without Ray's token authentication: it is not (or no longer) up."""
+
+
+def local_ray_refusal(address: str, token_auth: bool) -> str | None:
+    """Why a local Ray whose node address is ``address`` must not run; None when it may.
+
+    On loopback nothing outside this machine can reach it.  Any other address is
+    reachable from the network, and a Ray port runs whatever code it is sent, so
+    that is allowed only behind Ray's token authentication.
+    """
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if ip is not None and ip.is_loopback:
+        return None
+    if token_auth:
+        return None
+    return (f"not starting a local Ray: it would listen on {address}, beyond loopback, without Ray's token "
+            "authentication (that needs RAY_AUTH_MODE=token and a Ray that has it)")
+
+
+def _token_auth_on(before_start: bool = False) -> bool:
+    """Whether Ray's token authentication is on in this process (False for a Ray that has none).
+
+    ``before_start``: whether it will be on for the Ray about to start, by RAY_AUTH_MODE.
+    """
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return False
+    if before_start:
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return bool(is_token_auth_enabled())
+
+
+@contextlib.contextmanager
+def _loopback_node_address() -> Any:
+    """While a local Ray starts, let it keep 127.0.0.1 as its node address; yields whether that was possible.
+
+    Why: every Ray component binds to the node address (GCS, raylet, object manager,
+    each worker, the driver's own port, the runtime-env agent), but on Linux
+    ``ray.init(_node_ip_address="127.0.0.1")`` swaps loopback for the machine's
+    own address (services.resolve_ip_for_localhost), unless
+    ``ray_constants.ENABLE_RAY_CLUSTER`` is off.  The switch is off only for the
+    start, and put back after; joining a cluster never passes here.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:
+        ray_constants = None
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield False
+        return
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield True
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
+def start_local(num_cpus: int | None = None, num_gpus: int | None = None, verbose: bool = False,
+                logging_level: int = logging.INFO) -> str:
+    """Start Ray on this machine, every port on loopback; returns the node address it listens on.
+
+    Where this Ray cannot be held to loopback, it runs only with Ray's token
+    authentication (RAY_AUTH_MODE=token is set here when it is unset), else
+    :class:`LocalRayRefused` says why, before Ray starts or right after.
+    """
+    require_ray()
+    with _loopback_node_address() as pinned:
+        if not pinned:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            refusal = local_ray_refusal("the machine's own address", _token_auth_on(before_start=True))
+            if refusal:
+                raise LocalRayRefused(refusal)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+                 log_to_driver=verbose, logging_level=logging_level)
+    address = ray.util.get_node_ip_address()
+    auth = _token_auth_on()
+    refusal = local_ray_refusal(address, auth)
+    if refusal:
+        ray.shutdown()
+        raise LocalRayRefused(refusal)
+    if local_ray_refusal(address, token_auth=False):
+        logger.warning("Local Ray listens on %s, beyond loopback, behind Ray's token authentication", address)
+    else:
+        logger.info("Local Ray: every port on %s (token authentication %s)", address, "on" if auth else "off")
+    return address
+
+
 def connect(address: str, verbose: bool = False) -> bool:
     """Ray up: an existing session is used as is; "local" starts one on this machine; else join ``address``.
 
@@ -232,7 +332,7 @@ def connect(address: str, verbose: bool = False) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(_node_ip_address="127.0.0.1", log_to_driver=verbose, include_dashboard=False)
+        start_local(verbose=verbose)
     else:
         ray.init(address=address, log_to_driver=verbose)
     return True
@@ -476,10 +576,14 @@ class AppRunner:
     ("progress", ProgressUpdate), ("section", SectionReport) and always a final
     ("done", JobResult) on ``job.events``; ``job.stop`` ends the job on its worker.
     ``concurrency`` jobs run at once (one per worker); the app queues the rest.
+    A job whose worker dies runs again on a fresh one, at most ``max_retries`` more times (the
+    CLI's rule, :class:`Batch`); a ("retry", text) event tells the page, and the result's
+    message says that it ran again.
     """
 
-    def __init__(self, variant: str, tiny: bool, workers: int, threads: int | None = 1) -> None:
+    def __init__(self, variant: str, tiny: bool, workers: int, threads: int | None = 1, max_retries: int = 1) -> None:
         self.variant, self.tiny = variant, tiny
+        self.max_retries = max_retries
         self.factory = ActorFactory(variant, tiny, threads=threads)
         self.concurrency = workers
         self.idle: queue.Queue[Slot] = queue.Queue()
@@ -546,8 +650,49 @@ class AppRunner:
         Image.fromarray(image).save(image_file)
         values = dataclasses.asdict(settings)
         values.update(image=str(image_file), variant=self.variant, tiny=self.tiny)
-        task = make_task(values, stream=True)
-        started = time.perf_counter()
+        losses: list[str] = []
+        while True:
+            task = make_task(values, stream=True)
+            started = time.perf_counter()
+            try:
+                out = self._attempt(slot, job, task, outputs)
+                result = out["result"]
+                if not (result.status == "error" and result.message.startswith(OOM_MESSAGE)):
+                    break
+                reason = result.message          # CUDA out of memory: a fresh worker, as the CLI does
+            except WORKER_LOST as exc:
+                reason = describe_loss(exc)
+            except RayTaskError as exc:    # the job raised on the worker (its values); the worker is fine
+                return JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
+            losses.append(reason)
+            logger.error("the Ray worker %d running a job was lost: %s; replacing it", slot.index, reason)
+            slot = self.factory.replace(slot)
+            slot.pid = ray.get(slot.ready_ref)["pid"]
+            if len(losses) > self.max_retries or job.stop.is_set():
+                return JobResult(status="error", message=lost_message(losses, self.max_retries)), slot
+            job.events.put(("retry", (f"The Ray worker running this job was lost ({reason}); running it again "
+                                      f"on a fresh worker (retry {len(losses)} of {self.max_retries}).")))
+        self.history.append((slot.index, started, time.perf_counter()))
+        if losses:
+            result.message += (f" It ran again after its Ray worker was lost {len(losses)} time(s) "
+                               f"(last: {losses[-1]}).")
+        for section in result.sections:
+            section.video_path = str(outputs / pathlib.Path(section.video_path).name)
+        if out["files"]:
+            result.video_path = str(_write_files(out["files"], outputs))
+        elif result.video_path:
+            result.video_path = str(outputs / pathlib.Path(result.video_path).name)
+        if out["profile"] is not None:
+            name, data = out["profile"]
+            result.profile_path = str(write_atomic(profiles / name, data))
+        return result, slot
+
+    @staticmethod
+    def _attempt(slot: Slot, job: Any, task: dict[str, Any], outputs: pathlib.Path) -> dict[str, Any]:
+        """Run ``task`` on ``slot``'s worker, forwarding its events to the page; what the worker returned.
+
+        Raises what ``ray.get`` raises: a lost worker (WORKER_LOST) or the job's own error (RayTaskError).
+        """
         ref = slot.actor.run.remote(task)
         stop_sent = False
 
@@ -560,35 +705,19 @@ class AppRunner:
                 else:
                     job.events.put(event)
 
-        try:
-            while not ray.wait([ref], timeout=POLL_SECONDS)[0]:
-                if job.stop.is_set() and not stop_sent:
-                    slot.actor.stop.remote(task["token"])
-                    stop_sent = True
-                forward(ray.get(slot.actor.poll.remote(task["token"])))
+        while not ray.wait([ref], timeout=POLL_SECONDS)[0]:
+            if job.stop.is_set() and not stop_sent:
+                slot.actor.stop.remote(task["token"])
+                stop_sent = True
             forward(ray.get(slot.actor.poll.remote(task["token"])))
-            out = ray.get(ref)
-        except WORKER_LOST as exc:
-            reason = describe_loss(exc)
-            logger.error("the Ray worker %d running a job was lost: %s; replacing it", slot.index, reason)
-            slot = self.factory.replace(slot)
-            slot.pid = ray.get(slot.ready_ref)["pid"]
-            return JobResult(status="error", message=f"The worker running this job was lost "
-                                               f"({reason}); it has been replaced: press Start again."), slot
-        except RayTaskError as exc:    # the job raised on the worker (its values); the worker is fine
-            return JobResult(status="error", message=describe_loss(exc.cause or exc)), slot
-        self.history.append((slot.index, started, time.perf_counter()))
-        result = out["result"]
-        for section in result.sections:
-            section.video_path = str(outputs / pathlib.Path(section.video_path).name)
-        if out["files"]:
-            result.video_path = str(_write_files(out["files"], outputs))
-        elif result.video_path:
-            result.video_path = str(outputs / pathlib.Path(result.video_path).name)
-        if out["profile"] is not None:
-            name, data = out["profile"]
-            result.profile_path = str(write_atomic(profiles / name, data))
-        return result, slot
+        forward(ray.get(slot.actor.poll.remote(task["token"])))
+        return ray.get(ref)
+
+
+def lost_message(losses: Sequence[str], max_retries: int) -> str:
+    """Why a job failed when its worker was lost on every try (as the CLI's line says it)."""
+    return (f"Failed {len(losses)} time(s), its Ray worker lost each time (--max-retries {max_retries}); "
+            f"last: {losses[-1]}. The worker has been replaced: press Start to try again.")
 
 
 def _write_files(files: dict[str, bytes], folder: pathlib.Path) -> pathlib.Path:
@@ -598,9 +727,13 @@ def _write_files(files: dict[str, bytes], folder: pathlib.Path) -> pathlib.Path:
     return folder / video
 
 
-def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None) -> AppRunner:
-    """Ray up, and the app's worker pool: one worker per GPU (tiny: ``workers`` CPU workers, default 2)."""
+def start_app_runner(address: str, variant: str, tiny: bool, workers: int | None,
+                     max_retries: int = 1) -> AppRunner:
+    """Ray up, and the app's worker pool: one worker per GPU (tiny: ``workers`` CPU workers, default 2).
+
+    A job whose worker dies runs again up to ``max_retries`` more times (the app's --max-retries).
+    """
     connect(address)
     count = worker_count(tiny, workers)
     logger.info("Starting %d Ray worker(s) for the app%s ...", count, " (tiny, CPU)" if tiny else "")
-    return AppRunner(variant, tiny, count)
+    return AppRunner(variant, tiny, count, max_retries=max_retries)
