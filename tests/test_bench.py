@@ -416,3 +416,50 @@ def test_sweep_refuses_a_bad_image_before_loading(tmp_path: Path, capsys: pytest
         main(["sweep", "--image", str(text), "--prompt", "x", "--tiny"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "photo.png is not a readable image" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# plan-check: planned error against the measured distance to the uncached run
+# ---------------------------------------------------------------------------
+
+def independent_spearman(a: list[float], b: list[float]) -> float:
+    """Average ranks by counting (ties share their mean position), then Pearson's r written out."""
+    def rank(x: list[float]) -> list[float]:
+        return [sum(y < v for y in x) + (sum(y == v for y in x) + 1) / 2 for v in x]
+    ra, rb = rank(a), rank(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+PLAN_CHECK_GRID = ((0.02, 0.05, 0.1), (2, 4), (0.1, 0.3))
+
+
+def test_plan_check_rows_and_rank_correlation_are_what_they_claim() -> None:
+    import torch
+
+    import magcache_core as mc
+    from magcache_framepack.bench.plancheck import run_plan_check
+    from magcache_framepack.bench.speed import _framepack_sampler, bench_shape
+
+    result = run_plan_check("tiny", 12, seed=0, grid=PLAN_CHECK_GRID)
+    rows, ratios = result["rows"], result["ratios"]
+    assert len(rows) == 12 and len(ratios) == 12
+    for r in rows:
+        assert r.planned_error == pytest.approx(mc.planned_error(ratios, 12, r.magcache_thresh, r.magcache_K,
+                                                                  r.retention_ratio), abs=1e-12)
+        assert r.computed_steps == mc.skip_schedule(ratios, 12, r.magcache_thresh, r.magcache_K,
+                                                    r.retention_ratio).count(False)
+    planned, mse = [r.planned_error for r in rows], [r.latent_mse for r in rows]
+    assert result["spearman"] == pytest.approx(independent_spearman(planned, mse), abs=1e-12)
+    # one setting's distance, measured again here: the uncached run without MagCache at all
+    sampler = _framepack_sampler(bench_shape("tiny"), torch.device("cpu"), torch.float32, "framepack", 0, 12, 1.0)
+    reference = sampler.sample().double()
+    r = max(rows, key=lambda row: row.planned_error)
+    mc.enable_magcache(sampler.transformer, mc.MagCacheConfig(
+        magcache_thresh=r.magcache_thresh, magcache_K=r.magcache_K, retention_ratio=r.retention_ratio,
+        num_steps=12, mag_ratios=ratios))
+    cached = sampler.sample().double()
+    mc.disable_magcache(sampler.transformer)
+    assert r.latent_mse == pytest.approx(float(((cached - reference) ** 2).mean()), rel=1e-9) and r.latent_mse > 0
+    # No bound on the correlation itself: on random weights it depends on the seed (README, "Target speed-up").
