@@ -213,6 +213,28 @@ def resample_mag_ratios(mag_ratios: Sequence[float], num_steps: int, mode: str =
     return out
 
 
+def _plan_with_errors(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
+                      magcache_K: int, retention_ratio: float, resample: str) -> list[float | None]:
+    """Per step: None where the step is computed, else the accumulated error the skip accepts."""
+    n, thresh, k, retention = _validated_plan_settings(
+        num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
+    ratios = resample_mag_ratios(mag_ratios, n, resample)
+    first_skippable = max(int(retention * n), 1)
+    out: list[float | None] = []
+    acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+    for t, r in enumerate(ratios):
+        skip = False
+        if t >= first_skippable:
+            acc_ratio *= r
+            acc_err += abs(1 - acc_ratio)
+            acc_steps += 1
+            skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= MAX_STEP_RATIO_DEVIATION
+        out.append(acc_err if skip else None)
+        if t >= first_skippable and not skip:
+            acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+    return out
+
+
 def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
                   magcache_K: int, retention_ratio: float, resample: str = "magnitude") -> list[bool]:
     """Which of ``num_steps`` denoising steps MagCache skips (True = skipped).
@@ -225,23 +247,122 @@ def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
     ``magcache_thresh``, the count within ``magcache_K`` and the step's own ratio
     within 6% of 1.  A computed step resets the accumulators.
     """
-    n, thresh, k, retention = _validated_plan_settings(
-        num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
-    ratios = resample_mag_ratios(mag_ratios, n, resample)
-    first_skippable = max(int(retention * n), 1)
-    plan: list[bool] = []
-    acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
-    for t, r in enumerate(ratios):
-        skip = False
-        if t >= first_skippable:
-            acc_ratio *= r
-            acc_err += abs(1 - acc_ratio)
-            acc_steps += 1
-            skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= MAX_STEP_RATIO_DEVIATION
-            if not skip:
-                acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
-        plan.append(skip)
-    return plan
+    return [e is not None for e in _plan_with_errors(mag_ratios, num_steps, magcache_thresh, magcache_K,
+                                                     retention_ratio, resample)]
+
+
+def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
+                  magcache_K: int, retention_ratio: float, resample: str = "magnitude") -> float:
+    """The error a plan accepts: the sum, over skipped steps, of the accumulated error at each skip.
+
+    Each skip stands the last computed residual in for one that has drifted by
+    ``|1 - accumulated ratio|`` in magnitude; a later skip in the same run keeps
+    carrying the earlier drift, so a run of skips costs the sum of its
+    accumulated errors (the quantity :func:`skip_schedule` compares with the
+    threshold), and the plan the sum over its runs.  0.0 for a plan that skips
+    nothing.  On a model with its own calibration it ranks settings as the
+    final latent's distance to the uncached run does (README: the Spearman check).
+    """
+    return sum(e for e in _plan_with_errors(mag_ratios, num_steps, magcache_thresh, magcache_K,
+                                            retention_ratio, resample) if e is not None)
+
+
+# The candidate grid that plan_for_target searches: thresholds 0.01..0.40, K 1..8, four retentions.
+TARGET_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(1, 41))
+TARGET_KS = tuple(range(1, 9))
+TARGET_RETENTIONS = (0.0, 0.1, 0.2, 0.3)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCandidate:
+    """One (threshold, K, retention) setting, with what its plan computes and the error it accepts."""
+
+    magcache_thresh: float
+    magcache_K: int
+    retention_ratio: float
+    num_steps: int
+    computed_steps: int
+    planned_error: float
+
+    @property
+    def speedup(self) -> float:
+        """Steps over computed steps: the planned speed-up of the transformer's work."""
+        return self.num_steps / self.computed_steps
+
+
+class TargetUnreachable(ValueError):
+    """No setting of the candidate grid reaches the target speed-up; the message names the best reachable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetPlan:
+    """The outcome of :func:`plan_for_target`: the chosen setting and every candidate searched."""
+
+    target_speedup: float
+    chosen: PlanCandidate
+    candidates: tuple[PlanCandidate, ...]
+
+    def curve(self) -> list[tuple[float, float]]:
+        """The trade-off curve to draw: for each planned speed-up, the least planned error reaching it.
+
+        Sorted by speed-up; the error never decreases along it (each point is the
+        best setting that is at least that fast).
+        """
+        return tradeoff_curve(self.candidates)
+
+
+def plan_candidates(mag_ratios: Sequence[float], num_steps: int, resample: str = "magnitude",
+                    thresholds: Sequence[float] = TARGET_THRESHOLDS, ks: Sequence[int] = TARGET_KS,
+                    retentions: Sequence[float] = TARGET_RETENTIONS) -> list[PlanCandidate]:
+    """Every setting of the grid with its planned computed steps and error (pure: the ratio table only)."""
+    out = []
+    for thresh in thresholds:
+        for k in ks:
+            for retention in retentions:
+                errors = _plan_with_errors(mag_ratios, num_steps, thresh, k, retention, resample)
+                out.append(PlanCandidate(float(thresh), int(k), float(retention), int(num_steps),
+                                         sum(e is None for e in errors),
+                                         sum(e for e in errors if e is not None)))
+    return out
+
+
+def tradeoff_curve(candidates: Sequence[PlanCandidate]) -> list[tuple[float, float]]:
+    """(speed-up, least planned error among candidates at least that fast), one point per distinct speed-up."""
+    speeds = sorted({c.speedup for c in candidates})
+    return [(s, min(c.planned_error for c in candidates if c.speedup >= s)) for s in speeds]
+
+
+def _choice_key(c: PlanCandidate) -> tuple[float, float, float, int, float]:
+    # least error; then the faster; then the smallest threshold, K and retention giving that plan
+    return (c.planned_error, -c.speedup, c.magcache_thresh, c.magcache_K, c.retention_ratio)
+
+
+def plan_for_target(mag_ratios: Sequence[float], num_steps: int, target_speedup: float,
+                    resample: str = "magnitude", thresholds: Sequence[float] = TARGET_THRESHOLDS,
+                    ks: Sequence[int] = TARGET_KS, retentions: Sequence[float] = TARGET_RETENTIONS) -> TargetPlan:
+    """The setting that reaches ``target_speedup`` (steps / computed steps) with the least planned error.
+
+    Searches the candidate grid (:func:`plan_candidates`); among the candidates
+    whose speed-up is at least the target, the least :func:`planned_error` wins
+    (ties: the faster, then the smallest threshold, K, retention).  Instant: the
+    plan is a pure function of the ratio table.  Raises
+    :class:`TargetUnreachable` naming the best reachable speed-up when none
+    reaches the target, and ValueError for a target that is not a number >= 1.
+    """
+    if isinstance(target_speedup, bool) or not isinstance(target_speedup, numbers.Real) \
+            or not math.isfinite(target_speedup) or target_speedup < 1.0:
+        raise ValueError(f"target_speedup = {target_speedup!r}: must be a number >= 1 "
+                         "(steps over computed steps; 2.0 computes about half the steps)")
+    candidates = tuple(plan_candidates(mag_ratios, num_steps, resample, thresholds, ks, retentions))
+    reaching = [c for c in candidates if c.speedup >= target_speedup]
+    if not reaching:
+        best = max(candidates, key=lambda c: (c.speedup, -c.planned_error))
+        raise TargetUnreachable(
+            f"no setting reaches a {float(target_speedup):.2f}x speed-up at {num_steps} steps with this ratio "
+            f"table: the fastest setting reaches {best.speedup:.2f}x ({best.computed_steps} of {num_steps} steps "
+            f"computed, threshold {best.magcache_thresh:g}, K {best.magcache_K}, retention "
+            f"{best.retention_ratio:g}); ask for at most that, or use more steps")
+    return TargetPlan(float(target_speedup), min(reaching, key=_choice_key), candidates)
 
 
 # ---------------------------------------------------------------------------

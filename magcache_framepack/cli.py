@@ -50,7 +50,7 @@ from typing import Any, NoReturn, TextIO
 from magcache_framepack.settings import CACHE_MODES, PRESET_NAMES, RESAMPLE_MODES, VARIANT_NAMES
 from magcache_framepack.jobfiles import (DEFAULTS, JobError, JobOutcome, OK_STATUSES, already_done, check_values,
                                          int_list, iter_job_lines, job_settings, job_values, merge_values,
-                                         replay_layer)
+                                         replay_layer, target_conflict)
 from magcache_framepack.runners.local import StopOnInterrupt, run_one
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--magcache-K", type=int, help="most consecutive skipped steps, 1..steps (default 3)")
     p.add_argument("--retention-ratio", type=float, help="share of first steps always computed, [0, 1) "
                                                          "(default 0.2)")
+    p.add_argument("--target-speedup", type=float, metavar="X",
+                   help="plan for this speed-up (steps / computed steps, 1 to 10): the threshold, K and retention "
+                        "with the least planned error that reach it; not with --magcache-*/--retention-ratio/"
+                        "--preset")
     p.add_argument("--mag-ratios", metavar="FILE", help="a calibration profile (JSON) instead of the ratio "
                                                         "library's table for the job")
     p.add_argument("--resample", choices=RESAMPLE_MODES,
@@ -200,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     cli = command_line_layer(args)
+    conflict = target_conflict(cli)
+    if conflict is not None:
+        parser.error(conflict)
     try:
         grid = calibration_grid(args)       # refuses a grid beside --jobs or --replay
         runs = planned_runs(args, cli, grid, cuda) if args.jobs is None else []

@@ -74,6 +74,8 @@ class Comparison:
     planned_speedup: float | None
     psnr: list[float]
     ssim: list[float]
+    lpips: list[float] | None = None     # only when LPIPS's weights are on disk (see lpips_note)
+    lpips_note: str = ""
 
     @property
     def wall_speedup(self) -> float | None:
@@ -101,6 +103,10 @@ class Comparison:
                      "identical_frames": len(self.psnr) - len(finite), "per_frame": db(self.psnr)},
             "ssim": {"mean": sum(self.ssim) / len(self.ssim) if self.ssim else None,
                      "min": min(self.ssim) if self.ssim else None, "per_frame": [round(v, 6) for v in self.ssim]},
+            "lpips": None if not self.lpips else {
+                "mean": sum(self.lpips) / len(self.lpips), "max": max(self.lpips),
+                "per_frame": [round(v, 6) for v in self.lpips]},
+            "lpips_note": self.lpips_note,
         }
 
 
@@ -116,6 +122,8 @@ def planned_speedup(record: Mapping[str, Any]) -> float | None:
 def compare_runs(cached_video: PathLike, uncached_video: PathLike) -> Comparison:
     """Score ``cached_video`` against ``uncached_video`` (both with their records beside them).
 
+    PSNR and SSIM come from :mod:`magcache_framepack.metrics` (torchmetrics), LPIPS too when
+    its weights are already on disk (else ``lpips_note`` says why not; nothing is downloaded).
     Raises ValueError (from :func:`~magcache_framepack.metrics.compare_videos`) when the two
     cannot be compared frame by frame.
     """
@@ -128,7 +136,8 @@ def compare_runs(cached_video: PathLike, uncached_video: PathLike) -> Comparison
         cache=str((cached_record.get("settings") or {}).get("cache")),
         planned_speedup=planned_speedup(cached_record),
         psnr=[float(v) for v in scores["per_frame"]["psnr"]],
-        ssim=[float(v) for v in scores["per_frame"]["ssim"]])
+        ssim=[float(v) for v in scores["per_frame"]["ssim"]],
+        lpips=scores["per_frame"]["lpips"], lpips_note=scores["lpips_note"])
 
 
 def link_records(comparison: Comparison) -> None:

@@ -57,7 +57,10 @@ def magcache_config(settings: JobSettings, variant: str | Variant, model: str | 
     for ``frame_resolution`` ((height + width) / 2 of the frames; the bucket
     target when not known yet).  A profile calibrated for the other variant,
     or on another model than ``model`` (see :attr:`.models.Models.model_id`), is
-    refused with a ValueError.
+    refused with a ValueError.  With ``settings.target_speedup`` the threshold, K
+    and retention are the planner's choice on these ratios
+    (:func:`magcache_core.plan_for_target`); an unreachable target is a ValueError
+    naming the fastest reachable speed-up.
     """
     spec = get_variant(variant)
     if settings.mag_ratios is not None:
@@ -65,10 +68,16 @@ def magcache_config(settings: JobSettings, variant: str | Variant, model: str | 
     else:
         ratios, source = magcache_core.library_ratios(
             spec.name, frame_resolution or settings.resolution, settings.steps, settings.resample)
-    return magcache_core.MagCacheConfig(
+    config = magcache_core.MagCacheConfig(
         magcache_thresh=settings.magcache_thresh, magcache_K=settings.magcache_K,
         retention_ratio=settings.retention_ratio, num_steps=settings.steps, mag_ratios=ratios,
         calibrate=settings.calibrate, resample=settings.resample, variant=spec.name, model=model, source=source)
+    if settings.target_speedup is not None and not settings.calibrate:
+        chosen = magcache_core.plan_for_target(config.mag_ratios, config.num_steps, settings.target_speedup,
+                                               config.resample).chosen
+        config.magcache_thresh, config.magcache_K, config.retention_ratio = (
+            chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio)
+    return config
 
 
 def ratio_source(config: magcache_core.MagCacheConfig) -> str:
@@ -574,6 +583,10 @@ class _JobRun:
                 # reads a profile, if any, and refuses one of another variant or model
                 config = magcache_config(self.settings, self.models.variant, self.models.model_id,
                                          magcache_core.frame_resolution(height, width))
+                if self.settings.target_speedup is not None:    # the record's settings are the ones that ran
+                    self.settings = dataclasses.replace(
+                        self.settings, magcache_thresh=config.magcache_thresh, magcache_K=config.magcache_K,
+                        retention_ratio=config.retention_ratio)
         except ValueError as exc:
             raise _Refused(str(exc)) from exc
         self.config = config

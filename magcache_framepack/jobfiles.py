@@ -93,6 +93,10 @@ def _to_bool(key: str, value: Any) -> bool:
     raise JobError(f"{FLAG[key]} must be true or false, got {value!r}")
 
 
+def _to_optional_float(key: str, value: Any) -> float | None:
+    return None if value is None else _to_float(key, value)
+
+
 def _to_str(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -105,8 +109,23 @@ CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "seconds": _to_float, "cfg": _to_float, "gs": _to_float, "rs": _to_float, "magcache_thresh": _to_float,
     "retention_ratio": _to_float, "gpu_memory_preservation": _to_float, "steps": _to_int, "seed": _to_int,
     "magcache_K": _to_int, "crf": _to_int, "latent_window_size": _to_int, "resolution": _to_int,
-    "calibrate": _to_bool, "tiny": _to_bool,
+    "calibrate": _to_bool, "tiny": _to_bool, "target_speedup": _to_optional_float,
 }
+
+
+#: What --target-speedup chooses itself, so a job (command line or job line) gives one or the other.
+TARGET_EXCLUDES = (*PRESET_KEYS, "preset")
+
+
+def target_conflict(layer: dict[str, Any]) -> str | None:
+    """The refusal line when one layer gives --target-speedup and settings it would choose, else None."""
+    if layer.get("target_speedup") is None:
+        return None
+    given = [FLAG[k] for k in TARGET_EXCLUDES if layer.get(k) is not None]
+    if not given:
+        return None
+    return (f"--target-speedup chooses the threshold, K and retention itself: give it without "
+            f"{', '.join(given)} (or drop --target-speedup to set them)")
 
 
 def normalise_job_line(obj: Any) -> dict[str, Any]:
@@ -120,6 +139,9 @@ def normalise_job_line(obj: Any) -> dict[str, Any]:
         if name not in DEFAULTS:
             raise JobError(f"unknown key {key!r}; accepted keys (dashes or underscores): {', '.join(DEFAULTS)}")
         out[name] = CONVERTERS.get(name, _to_str)(name, value)
+    conflict = target_conflict(out)
+    if conflict is not None:
+        raise JobError(conflict)
     return out
 
 
@@ -141,7 +163,10 @@ def merge_values(*layers: dict[str, Any]) -> dict[str, Any]:
     """Defaults, then each layer in order (later wins): command line, then a job line."""
     values = dict(DEFAULTS)
     for layer in layers:
-        values.update(layer_values(layer))
+        given = layer_values(layer)
+        if "target_speedup" not in given and any(k in given for k in PRESET_KEYS):
+            values["target_speedup"] = None     # a later layer's explicit settings replace an earlier target
+        values.update(given)
     return values
 
 
@@ -198,6 +223,31 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
         if profile.variant != values["variant"]:
             raise JobError(f"--mag-ratios: the profile was calibrated for {profile.variant!r}, "
                            f"not --variant {values['variant']}")
+    check_target(values)
+
+
+def check_target(values: dict[str, Any]) -> None:
+    """--target-speedup: planned now, on the job's own ratio table, so an unreachable target costs one line.
+
+    The table depends on the image's bucket (the frame resolution), so the bucket is
+    found here as the job will find it; no model loads.
+    """
+    target = values.get("target_speedup")
+    if target is None:
+        return
+    import magcache_core
+
+    from magcache_framepack.job import find_bucket, magcache_config
+    from magcache_framepack.settings import bucket_resolution
+
+    settings = job_settings(values)
+    image = load_image(values["image"])
+    height, width = find_bucket(image.shape[0], image.shape[1], bucket_resolution(values["resolution"],
+                                                                                  bool(values["tiny"])))
+    try:
+        magcache_config(settings, values["variant"], None, magcache_core.frame_resolution(height, width))
+    except ValueError as exc:
+        raise JobError(f"--target-speedup {target:g}: {exc}") from None
 
 
 def job_settings(values: dict[str, Any]) -> JobSettings:

@@ -68,8 +68,11 @@ class Limit:
     #: refuse it, as the CLI refuses every one (the seed: it names a noise, and the nearest seed is
     #: another video, not a nearby one)
     movable: bool = True
+    optional: bool = False       # None is accepted too (the setting is not asked for)
 
     def accepts(self, value: Any) -> bool:
+        if value is None and self.optional:
+            return True
         ok = is_int(value) if self.integer else is_real(value)
         return ok and self.low <= value <= self.high
 
@@ -99,6 +102,8 @@ LIMITS: Mapping[str, Limit] = types.MappingProxyType({
     "retention_ratio": Limit(0.0, 0.99, step=0.01, hint="0.2 is the published value"),
     "crf": Limit(0, 51, integer=True, step=1, hint="0 is lossless; FramePack uses 16"),
     "resolution": Limit(64, 2048, integer=True, step=16, hint=f"pixels; FramePack uses {FRAMEPACK_RESOLUTION}"),
+    "target_speedup": Limit(1.0, 10.0, step=0.1, optional=True,
+                            hint="steps over computed steps; the planner picks threshold, K and retention"),
 })
 
 
@@ -127,6 +132,10 @@ class JobSettings:
     ``calibrate`` runs MagCache in measuring mode (it never skips) and saves a
     profile at the end.
     ``resolution`` is the bucket target; tiny models cap it at TINY_RESOLUTION.
+    ``target_speedup`` (None: not asked for) makes the job plan its threshold, K and
+    retention from the ratio table (:func:`magcache_core.plan_for_target`): the
+    least planned error that computes at most steps / target steps; the record keeps
+    both the target and the settings chosen.
     Numeric fields must lie within :data:`LIMITS`.
     """
 
@@ -149,6 +158,7 @@ class JobSettings:
     crf: int = 16
     resolution: int = FRAMEPACK_RESOLUTION
     resample: str = "magnitude"
+    target_speedup: float | None = None
 
     def clamped(self) -> "JobSettings":
         """A copy with every numeric field moved into :data:`LIMITS` (what a UI runs when a box is overtyped).
@@ -195,6 +205,9 @@ class JobSettings:
         if self.calibrate and self.cache != "magcache":
             raise bad("calibrate", f"calibration measures with MagCache: set cache='magcache' "
                                    f"(it is {self.cache!r})")
+        if self.target_speedup is not None and (self.cache != "magcache" or self.calibrate):
+            raise bad("target_speedup", "plans MagCache's skips: it needs cache='magcache' and no calibration "
+                                        f"(cache is {self.cache!r}, calibrate {self.calibrate})")
 
 
 

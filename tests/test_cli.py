@@ -249,3 +249,87 @@ def test_output_paths_that_cannot_be_written_are_refused_before_loading(
     jobs.write_text(json.dumps({"image": str(image), "output": str(a_file / "x.mp4")}) + "\n")
     assert main(["--jobs", str(jobs), "--tiny"]) == 1
     assert f"line 1: invalid: --output {a_file / 'x.mp4'}: cannot write there" in capsys.readouterr().out
+
+
+# --- --target-speedup ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--target-speedup", "2", "--magcache-thresh", "0.1"], "give it without --magcache-thresh"),
+    (["--target-speedup", "2", "--magcache-K", "3"], "give it without --magcache-K"),
+    (["--target-speedup", "2", "--retention-ratio", "0.2"], "give it without --retention-ratio"),
+    (["--target-speedup", "2", "--preset", "E015K4R02"], "give it without --preset"),
+    (["--target-speedup", "0.5"], "--target-speedup must be a number from 1 to 10"),
+    (["--target-speedup", "9"], "--target-speedup 9: no setting reaches a 9.00x speed-up at 25 steps"),
+    (["--target-speedup", "2", "--cache", "off"], "target_speedup = 2.0: plans MagCache's skips"),
+    (["--target-speedup", "2", "--calibrate"], "target_speedup = 2.0: plans MagCache's skips"),
+])
+def test_target_speedup_refusals_are_one_line_before_models_load(
+        image: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        extra: list[str], expected: str) -> None:
+    from magcache_framepack import models as models_module
+
+    def no_models(*a, **k):
+        raise AssertionError("models were loaded for a refused job")
+
+    monkeypatch.setattr(models_module, "load_models", no_models)
+    with pytest.raises(SystemExit) as exc:
+        main(["--image", str(image), "--tiny", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and expected in err and "Traceback" not in err
+
+
+def test_an_unreachable_target_names_the_fastest_reachable_speedup(image: Path, capsys: pytest.CaptureFixture) -> None:
+    import magcache_core as mc
+
+    from magcache_framepack.job import find_bucket
+    from magcache_framepack.jobfiles import load_image
+
+    img = load_image(str(image))
+    height, width = find_bucket(img.shape[0], img.shape[1], 128)       # tiny models' bucket resolution
+    ratios, _ = mc.library_ratios("framepack", mc.frame_resolution(height, width), 25, "magnitude")
+    fastest = max(c.speedup for c in mc.plan_candidates(ratios, 25))
+    with pytest.raises(SystemExit):
+        main(["--image", str(image), "--tiny", "--target-speedup", "9"])
+    assert f"the fastest setting reaches {fastest:.2f}x" in capsys.readouterr().err
+
+
+def test_target_speedup_in_job_lines_and_layers() -> None:
+    assert normalise_job_line({"target-speedup": 2})["target_speedup"] == 2.0
+    assert normalise_job_line({"target_speedup": None})["target_speedup"] is None
+    with pytest.raises(JobError, match="give it without --magcache-thresh, --magcache-K"):
+        normalise_job_line({"target_speedup": 2, "magcache_thresh": 0.1, "magcache_K": 3})
+    with pytest.raises(JobError, match="--target-speedup must be a number"):
+        normalise_job_line({"target_speedup": "fast"})
+    # a later layer's explicit settings replace an earlier layer's target, and the other way round
+    assert merge_values({"target_speedup": 2.0}, {"magcache_thresh": 0.2})["target_speedup"] is None
+    assert merge_values({"magcache_thresh": 0.2}, {"target_speedup": 2.0})["target_speedup"] == 2.0
+    assert merge_values({"target_speedup": 2.0}, {"seed": 3})["target_speedup"] == 2.0
+
+
+def test_the_record_keeps_the_target_and_the_settings_the_planner_chose(tmp_path: Path, image: Path) -> None:
+    import magcache_core as mc
+
+    from magcache_framepack.records import read_record
+
+    out = tmp_path / "fast.mp4"
+    rc = main(["--image", str(image), "--prompt", "x", "--tiny", "--seconds", "1", "--steps", "10",
+               "--target-speedup", "1.25", "--output", str(out), "--no-progress", "--outputs-dir",
+               str(tmp_path / "o")])
+    assert rc == 0
+    record = read_record(out.with_suffix(".json"))
+    settings, magcache = record["settings"], record["magcache"]
+    assert settings["target_speedup"] == 1.25
+    chosen = mc.plan_for_target(magcache["ratios"], 10, 1.25).chosen
+    assert (settings["magcache_thresh"], settings["magcache_K"], settings["retention_ratio"]) == \
+        (chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio)
+    assert (magcache["magcache_thresh"], magcache["magcache_K"], magcache["retention_ratio"]) == \
+        (chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio)
+    assert len(magcache["computed_steps"]) == chosen.computed_steps and 10 / chosen.computed_steps >= 1.25
+    # replaying the record plans the same again
+    from magcache_framepack.cli import command_line_layer, planned_runs
+
+    args = build_parser().parse_args(["--replay", str(out.with_suffix(".json")), "--output",
+                                      str(tmp_path / "again.mp4")])
+    values = planned_runs(args, command_line_layer(args), [(None, None)], cuda=False)[0]
+    assert values["target_speedup"] == 1.25

@@ -268,3 +268,98 @@ def test_profile_fields_are_checked(fields, fragment):
     with pytest.raises(ValueError) as err:
         mc.MagCacheProfile(**{"variant": "f1", "num_steps": 2, "ratios": [1.0, 1.0], **fields})
     assert fragment in str(err.value)
+
+
+# --- the target-speed-up planner against a brute force over its grid --------------------------------
+
+def reference_planned_error(table, n, thresh, k, retention, mode="magnitude"):
+    """The planned error restated: each skipped step adds the accumulated |1 - ratio| of its run of skips."""
+    r = reference_resample(table, n, mode)
+    total, ratio, err, steps = 0.0, 1.0, 0.0, 0
+    for t in range(max(int(retention * n), 1), n):
+        ratio *= float(r[t])
+        err += abs(1 - ratio)
+        steps += 1
+        if err <= thresh and steps <= k and abs(1 - float(r[t])) <= 0.06:
+            total += err
+        else:
+            ratio, err, steps = 1.0, 0.0, 0
+    return total
+
+
+def brute_force_target(table, n, target, grid, mode="magnitude"):
+    """Every grid setting, its speed-up and error; the best of those that reach the target, else None."""
+    rows = []
+    for thresh in grid[0]:
+        for k in grid[1]:
+            for retention in grid[2]:
+                computed = reference_plan(table, n, thresh, k, retention, mode).count(False)
+                rows.append((reference_planned_error(table, n, thresh, k, retention, mode), -(n / computed),
+                             thresh, k, retention, computed))
+    reaching = sorted(row for row in rows if -row[1] >= target)
+    return (reaching[0] if reaching else None), rows
+
+
+DEFAULT_GRID = (mc.TARGET_THRESHOLDS, mc.TARGET_KS, mc.TARGET_RETENTIONS)
+
+
+@pytest.mark.parametrize("variant", sorted(TABLES))
+@pytest.mark.parametrize("n,target", [(25, 1.0), (25, 1.5), (25, 2.0), (25, 2.5), (50, 2.0), (50, 3.0), (10, 1.25)])
+def test_target_planner_equals_a_brute_force_over_its_grid(variant, n, target):
+    best, rows = brute_force_target(TABLES[variant], n, target, DEFAULT_GRID)
+    assert best is not None
+    plan = mc.plan_for_target(TABLES[variant], n, target)
+    c = plan.chosen
+    assert (c.magcache_thresh, c.magcache_K, c.retention_ratio, c.computed_steps) == best[2:]
+    assert c.planned_error == pytest.approx(best[0], abs=1e-12) and c.speedup >= target
+    assert c.planned_error == pytest.approx(
+        mc.planned_error(TABLES[variant], n, c.magcache_thresh, c.magcache_K, c.retention_ratio), abs=1e-12)
+    # the chosen setting's plan is the one the schedule runs
+    assert mc.skip_schedule(TABLES[variant], n, c.magcache_thresh, c.magcache_K, c.retention_ratio).count(False) \
+        == c.computed_steps
+    # every candidate, and the curve: per speed-up, the least error of the candidates at least that fast
+    assert len(plan.candidates) == len(rows)
+    got = sorted((x.planned_error, -x.speedup, x.magcache_thresh, x.magcache_K, x.retention_ratio,
+                  x.computed_steps) for x in plan.candidates)
+    assert [g[2:] for g in got] == [r[2:] for r in sorted(rows)]
+    speeds = sorted({-r[1] for r in rows})
+    expected_curve = [(s, min(r[0] for r in rows if -r[1] >= s)) for s in speeds]
+    assert [p[0] for p in plan.curve()] == pytest.approx([e[0] for e in expected_curve])
+    assert [p[1] for p in plan.curve()] == pytest.approx([e[1] for e in expected_curve], abs=1e-12)
+
+
+def test_target_planner_on_a_small_custom_grid_and_resampled_table():
+    grid = ((0.05, 0.1, 0.2), (2, 4), (0.1, 0.25))
+    for target in (1.2, 1.8, 2.2):
+        best, _ = brute_force_target(mc.FRAMEPACK_MAG_RATIOS, 40, target, grid, mode="nearest")
+        plan = mc.plan_for_target(mc.FRAMEPACK_MAG_RATIOS, 40, target, resample="nearest", thresholds=grid[0],
+                                  ks=grid[1], retentions=grid[2])
+        if best is None:
+            continue
+        c = plan.chosen
+        assert (c.magcache_thresh, c.magcache_K, c.retention_ratio, c.computed_steps) == best[2:]
+
+
+def test_unreachable_target_says_so_with_the_fastest_reachable_speedup():
+    best, rows = brute_force_target(mc.FRAMEPACK_MAG_RATIOS, 25, 6.0, DEFAULT_GRID)
+    assert best is None
+    fastest = max(-r[1] for r in rows)
+    with pytest.raises(mc.TargetUnreachable) as exc:
+        mc.plan_for_target(mc.FRAMEPACK_MAG_RATIOS, 25, 6.0)
+    msg = str(exc.value)
+    assert "\n" not in msg and "6.00x" in msg and f"the fastest setting reaches {fastest:.2f}x" in msg
+    # just at the fastest reachable speed-up it is reachable again
+    assert mc.plan_for_target(mc.FRAMEPACK_MAG_RATIOS, 25, fastest).chosen.speedup == pytest.approx(fastest)
+    assert isinstance(exc.value, ValueError)
+
+
+@pytest.mark.parametrize("bad", [0.5, -1, float("nan"), float("inf"), "2", True, None])
+def test_bad_target_is_refused(bad):
+    with pytest.raises(ValueError, match="target_speedup"):
+        mc.plan_for_target(mc.FRAMEPACK_MAG_RATIOS, 25, bad)
+
+
+def test_planned_error_is_zero_without_skips_and_grows_with_the_threshold():
+    assert mc.planned_error(mc.FRAMEPACK_MAG_RATIOS, 25, 0.0, 1, 0.99) == 0.0
+    errors = [mc.planned_error(mc.FRAMEPACK_MAG_RATIOS, 25, t, 4, 0.2) for t in (0.02, 0.06, 0.1, 0.2)]
+    assert errors == sorted(errors) and errors[-1] > 0

@@ -17,16 +17,18 @@ PACKAGE = ROOT / "magcache_framepack"
 
 #: The layers the package docstring states, lowest first.
 LAYERS = {
-    "settings": 1, "models": 2, "video": 3, "records": 3, "job": 3, "comparison": 3, "grid": 3, "jobfiles": 4,
+    "settings": 1, "models": 2, "video": 3, "records": 3, "metrics": 3, "job": 3, "comparison": 3, "grid": 3,
+    "jobfiles": 4,
     "runners.local": 5, "runners.ray": 5, "cli": 6,
     "bench.report": 6, "bench.speed": 6, "bench.quality": 6, "bench.sweep": 6, "bench.ratios": 6,
-    "bench.ray_pool": 6,
+    "bench.ray_pool": 6, "bench.plancheck": 6,
     # the app is a subpackage, all of it layer 6 (its face, app/__init__.py, is not walked: it only re-exports)
     "app.views": 6, "app.handlers": 6, "app.rerun": 6, "app.grid": 6, "app.layout": 6, "app.serve": 6,
 }
 
 #: Within the bench, the one import a tool makes of another tool (the shared ``bench.report`` aside).
-BENCH_TOOL_IMPORTS = {("bench.sweep", "bench.quality")}     # a sweep scores its videos with compare's metrics
+BENCH_TOOL_IMPORTS = {("bench.sweep", "bench.quality"),     # a sweep scores its videos with compare's metrics
+                      ("bench.plancheck", "bench.speed")}     # plan-check samples speed's model and section
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -368,6 +368,8 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
         f"- PSNR: mean {mean_db} dB over frames that differ ({psnr['identical_frames']} identical), "
         f"worst {min_db} dB",
         f"- SSIM: mean {ssim['mean']:.4f}, worst {ssim['min']:.4f}",
+        (f"- LPIPS: mean {comparison['lpips']['mean']:.4f}, worst {comparison['lpips']['max']:.4f}"
+         if comparison.get("lpips") else f"- {comparison.get('lpips_note') or 'LPIPS: not measured'}"),
         "",
         "Both measure how far the cache moved the video from the one the same job makes without it, "
         "not how good either video looks: watch both.",

@@ -1,12 +1,13 @@
 """MagCache for FramePack: benchmarks and video quality metrics.
 
-Five tools, one subcommand each of ``magcache_bench.py`` (or
+Six tools, one subcommand each of ``magcache_bench.py`` (or
 ``python -m magcache_framepack.bench``)::
 
     python magcache_bench.py speed   [--size tiny|small|full] [--repeats N] [--setting T,K,R ...] [--json FILE]
     python magcache_bench.py compare REF.mp4 OTHER.mp4 [--json FILE]
     python magcache_bench.py sweep   --image IMG --prompt TEXT [--tiny] [--setting ...] [--out DIR]
     python magcache_bench.py ratios  [PROFILE.json ...] [--steps 25,50] [--out FILE.png]
+    python magcache_bench.py plan-check [--size tiny|small] [--steps 25] [--json FILE]
     python magcache_bench.py ray     [--jobs N] [--workers 1 2 ...] [--cpus N]
 
 * :mod:`.speed`: FramePack's sampler over one section with random weights at
@@ -19,11 +20,14 @@ Five tools, one subcommand each of ``magcache_bench.py`` (or
   their speed-ups and their quality against the uncached one.
 * :mod:`.ratios`: the ratio library's curves and the skip plans they give.
 * :mod:`.ray_pool`: the Ray worker pool on 1, 2, ... CPU workers.
+* :mod:`.plancheck`: ``plan-check``, whether the target planner's planned
+  error ranks settings as the measured distance to the uncached run does.
 
 Each tool module brings its own subcommand (``add_parser``, ``run``); this
 face only wires them.  The tools import nothing of each other but
 :mod:`.report` (the settings rows, argument types and JSON they share), except
-that ``sweep`` scores with :mod:`.quality`'s metrics.  Each tool's decisions
+that ``sweep`` scores with :mod:`.quality`'s metrics and ``plan-check`` samples
+:mod:`.speed`'s random-weight model and section.  Each tool's decisions
 worth knowing are in its module's docstring.
 """
 
@@ -33,7 +37,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from magcache_framepack.bench import quality, ratios, ray_pool, speed, sweep
+from magcache_framepack.bench import plancheck, quality, ratios, ray_pool, speed, sweep
 from magcache_framepack.bench.report import UsageError
 
 
@@ -43,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for tool in (speed, quality, sweep, ratios, ray_pool):
+    for tool in (speed, quality, sweep, ratios, ray_pool, plancheck):
         tool.add_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else getattr(args, "log_level", logging.INFO),
