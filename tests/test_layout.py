@@ -17,12 +17,13 @@ PACKAGE = ROOT / "magcache_framepack"
 
 #: The layers the package docstring states, lowest first.
 LAYERS = {
-    "settings": 1, "models": 2, "video": 3, "records": 3, "metrics": 3, "job": 3, "jobfiles": 4,
+    "settings": 1, "models": 2, "video": 3, "records": 3, "metrics": 3, "job": 3, "comparison": 3, "grid": 3,
+    "jobfiles": 4,
     "runners.local": 5, "runners.ray": 5, "cli": 6,
     "bench.report": 6, "bench.speed": 6, "bench.quality": 6, "bench.sweep": 6, "bench.ratios": 6,
     "bench.ray_pool": 6, "bench.plancheck": 6,
     # the app is a subpackage, all of it layer 6 (its face, app/__init__.py, is not walked: it only re-exports)
-    "app.views": 6, "app.handlers": 6, "app.layout": 6, "app.serve": 6,
+    "app.views": 6, "app.handlers": 6, "app.rerun": 6, "app.grid": 6, "app.layout": 6, "app.serve": 6,
 }
 
 #: Within the bench, the one import a tool makes of another tool (the shared ``bench.report`` aside).
@@ -63,7 +64,7 @@ def test_every_module_has_a_layer_and_imports_only_down() -> None:
 
 
 #: The app's modules, lowest first: inside the app, imports go down this list only.
-APP_ORDER = ("app.views", "app.handlers", "app.layout", "app.serve")
+APP_ORDER = ("app.views", "app.handlers", "app.rerun", "app.grid", "app.layout", "app.serve")
 APP = PACKAGE / "app"
 
 

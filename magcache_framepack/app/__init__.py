@@ -15,9 +15,11 @@ Inside the app, imports only go down (``tests/test_layout.py`` checks it):
 2. :mod:`~magcache_framepack.app.handlers`: what happens on an event: the
    profile catalog, the plan panel, jobs and sessions, the runner seam and the
    handlers of one app (:class:`~magcache_framepack.app.handlers.AppEvents`).
-3. :mod:`~magcache_framepack.app.layout`: the Blocks page (:func:`build_ui`),
+3. :mod:`~magcache_framepack.app.rerun`: the last finished job again with the
+   cache Off: Compare with no cache, and Render without cache.
+4. :mod:`~magcache_framepack.app.layout`: the Blocks page (:func:`build_ui`),
    which places the components and wires them to the handlers.
-4. :mod:`~magcache_framepack.app.serve`: the command line, :func:`launch` and
+5. :mod:`~magcache_framepack.app.serve`: the command line, :func:`launch` and
    :func:`main`.
 
 This module is only the face: it names what other code imports.
@@ -41,13 +43,18 @@ Design notes, because they are easy to undo by accident:
 * Gradio 5 and 6 both work: no Blocks(css/theme) (moved to launch() in 6), no
   per-component options that 6 removed, ``api_name=False`` for UI-only events.
 
-The client API, two endpoints::
+The client API, four endpoints::
 
     from gradio_client import Client, handle_file
-    video, report, summary, preview, progress = Client(url).predict(
+    client = Client(url)
+    video, report, summary, preview, progress = client.predict(
         input_image=handle_file("in.png"), prompt="...", api_name="/generate",
         steps=25, magcache_thresh=0.10, ...)            # every input but input_image is optional
     client.predict(api_name="/end")   # End: stops the job this Client started (True if one ran)
+    # this Client's last finished job again, the cache Off: the five outputs above, then for
+    # /compare also both videos, the comparison in words, its charts and as a dict
+    *job, cached, uncached, words, charts, comparison = client.predict(api_name="/compare")
+    video, report, summary, preview, progress = client.predict(api_name="/render_without_cache")
 
 Inputs (defaults as in the UI): input_image, prompt, n_prompt, seed,
 total_second_length, latent_window_size, steps, cfg, gs, rs,

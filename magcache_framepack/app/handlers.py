@@ -399,14 +399,26 @@ def input_refusal(exc: BaseException) -> str:
     return f"the request's inputs are malformed ({type(exc).__name__}: {line})"
 
 
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """What a job was started with: enough to run it again (Compare, Render without cache)."""
+
+    settings: JobSettings
+    image: Any                  # the decoded image (HxWx3 uint8) the job read
+    image_path: str             # the uploaded file it was read from (the video's record names it)
+    profile_choice: str | None  # the calibration table chosen in the dropdown
+
+
 class Job:
     """One generation: its worker thread, stop flag and event queue belong to it alone.
 
-    ``image_path`` is the uploaded file the image was read from (the video's record names it).
+    ``image_path`` is the uploaded file the image was read from (the video's record names it);
+    ``request`` is all the job was started with.
     """
 
     def __init__(self) -> None:
         self.image_path: str | None = None
+        self.request: JobRequest | None = None
         self.stop = threading.Event()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread: threading.Thread | None = None
@@ -424,6 +436,7 @@ class SessionJobs:
         self.current: Job | None = None
         self.stop_before_start = False
         self.unshown_result: Any | None = None
+        self.last_done: tuple[JobRequest, Any] | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "SessionJobs":
         return SessionJobs()
@@ -466,11 +479,17 @@ class SessionJobs:
             return True
 
     def finish(self, job: Job, result: Any | None) -> None:
-        """The job ended: it is no longer this session's current one; keep its result for the page."""
+        """The job ended: it is no longer this session's current one; keep its result for the page.
+
+        A job that finished (status "done") is also kept with its request as :attr:`last_done`:
+        the one Compare and Render without cache run again.
+        """
         with self._lock:
             if self.current is job:
                 self.current = None
             self.unshown_result = result
+            if result is not None and result.status == "done" and job.request is not None:
+                self.last_done = (job.request, result)
 
     def take_result(self) -> Any | None:
         """The last job's result, once (the page shows it after the job's events end)."""
@@ -867,8 +886,6 @@ class AppEvents:
         """The /generate endpoint's body: check the inputs, then stream the job (a refused one says why)."""
         import gradio as gr
 
-        from magcache_framepack.job import read_image
-
         settings = None
         moved: dict[str, dict[str, Any]] = {}
         try:
@@ -877,14 +894,7 @@ class AppEvents:
                 prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg, gs, rs,
                 gpu_memory_preservation, cache, magcache_thresh, magcache_K, retention_ratio, calibrate, mp4_crf,
                 resample, profile_path))
-            if isinstance(input_image, UnreadableImage):
-                raise ValueError(input_image.message)
-            if input_image is None:
-                raise ValueError("No input image: upload a picture, then press Start.")
-            image = read_image(input_image)    # says so if the file is not an image
-            settings.validate()
-            if profile_path is not None:
-                self.catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
+            image = self.checked_image(input_image, settings, mag_ratios)
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"Cannot start: {exc}"
             logger.info("%s", message)
@@ -900,6 +910,24 @@ class AppEvents:
                                        image, str(input_image), mag_ratios):
             video, report, *rest = outputs
             yield (video, with_moves(report, moved), *rest)
+
+    def checked_image(self, input_image: Any, settings: JobSettings, mag_ratios: str | None) -> Any:
+        """The job's image, once the image, the settings and the chosen profile are known to be usable.
+
+        Raises ValueError saying what is wrong: no image, a file that is not one, a setting
+        out of range, a profile of another variant or model.
+        """
+        from magcache_framepack.job import read_image
+
+        if isinstance(input_image, UnreadableImage):
+            raise ValueError(input_image.message)
+        if input_image is None:
+            raise ValueError("No input image: upload a picture, then press Start.")
+        image = read_image(input_image)    # says so if the file is not an image
+        settings.validate()
+        if settings.mag_ratios is not None:
+            self.catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
+        return image
 
     def job_plan(self, settings: JobSettings, profile_choice: str | None, resolution: float) -> dict[str, Any]:
         """The plan this job runs in every section, and the table it comes from (as the page shows it).
@@ -937,6 +965,7 @@ class AppEvents:
             yield None, report_now("stopped", message), summary_markdown([f"stopped: {message}"]), None, ""
             return
         job.image_path = image_path
+        job.request = JobRequest(settings, image, image_path, profile_choice)
         job.thread = threading.Thread(target=self.runner, name="magcache-job", daemon=True,
                                       args=(job, image, settings, self.outputs_dir, self.profiles_dir))
         job.thread.start()

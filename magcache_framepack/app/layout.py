@@ -24,6 +24,8 @@ import magcache_core
 from magcache_framepack.app.handlers import (CLAMPED_NAMES, AppEvents, Runner, SessionJobs, checked_image,
                                              generate_endpoint, profile_selection, ratios_chart_html,
                                              raw_when_refused, refusals_in_one_line)
+from magcache_framepack.app.grid import GridEvents, grid_endpoint
+from magcache_framepack.app.rerun import RerunEvents
 from magcache_framepack.app.views import (CACHE_CHOICES, CUSTOM_PRESET, HELP, QUICK_PROMPTS, preset_values,
                                           profile_status_html)
 from magcache_framepack.settings import LIMITS
@@ -70,13 +72,19 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
                 "**Tiny test mode:** every model here has tiny *random* weights, nothing was downloaded, "
                 "and the video is noise. Use it to try the app and its cache settings without a GPU; "
                 "run without `--tiny` on an NVIDIA GPU for real videos.", elem_id="tiny-banner")
-        with gr.Row():
-            with gr.Column():
-                left_column(page, events)
-            with gr.Column():
-                right_column(page, events, spec.forward_sections)
+        with gr.Tab("Generate", elem_id="tab-generate"):
+            with gr.Row():
+                with gr.Column():
+                    left_column(page, events)
+                with gr.Column():
+                    right_column(page, events, spec.forward_sections)
+                    compare_panel(page)
+        with gr.Tab("Cache grid", elem_id="tab-grid"):
+            grid_tab(page)
         plan_and_profile_events(page, events)
         start_and_end_events(page, events, demo)
+        rerun_events(page, events)
+        grid_events(page, events)
     demo.queue()
     return refusals_in_one_line(demo)
 
@@ -111,6 +119,10 @@ def inputs_and_buttons(page: types.SimpleNamespace) -> None:
     with gr.Row():
         page.start_button = gr.Button(value="Start Generation", variant="primary", elem_id="start")
         page.end_button = gr.Button(value="End Generation", interactive=False, elem_id="end")
+    with gr.Row():
+        # explore with the cache, then finish exact: the last finished job again, the cache Off
+        page.compare_button = gr.Button(value="Compare with no cache", size="sm", elem_id="compare")
+        page.render_button = gr.Button(value="Render without cache", size="sm", elem_id="render-uncached")
 
 
 def magcache_controls(page: types.SimpleNamespace, events: AppEvents) -> None:
@@ -205,6 +217,47 @@ def right_column(page: types.SimpleNamespace, events: AppEvents, forward_section
     page.ratios_chart = gr.HTML(ratios_chart_html(events.catalog, events.initial_profile), elem_id="ratios-chart")
 
 
+def compare_panel(page: types.SimpleNamespace) -> None:
+    """Hidden until a comparison ran: both videos side by side, the figures, per-frame charts, the JSON."""
+    import gradio as gr
+
+    with gr.Column(visible=False, elem_id="compare-panel") as page.compare_panel:
+        with gr.Row():
+            page.cached_video = gr.Video(label="With the cache", autoplay=True, loop=True, height=256,
+                                         elem_id="compare-cached")
+            page.uncached_video = gr.Video(label="Without the cache", autoplay=True, loop=True, height=256,
+                                           elem_id="compare-uncached")
+        page.comparison_summary = gr.Markdown("", elem_id="compare-summary")
+        page.comparison_charts = gr.HTML("", elem_id="compare-charts")
+        with gr.Accordion("Comparison (JSON)", open=False):
+            page.comparison = gr.JSON(label="Comparison", elem_id="compare-json")
+
+
+def grid_tab(page: types.SimpleNamespace) -> None:
+    """The settings grid: which values to try, Run and Stop, then the table, scatter, videos and exports."""
+    import gradio as gr
+
+    gr.Markdown("Runs the Generate tab's job (image, prompt, seed and settings) once without the cache, "
+                "then once per combination of the values below, and scores each against the uncached "
+                "video. Values are separated by commas.")
+    with gr.Row():
+        page.grid_thresholds = gr.Textbox(label="MagCache thresholds", value="0.06, 0.1, 0.15",
+                                          elem_id="grid-thresholds")
+        page.grid_ks = gr.Textbox(label="MagCache K values", value="2, 3, 4", elem_id="grid-ks")
+        page.grid_retentions = gr.Textbox(label="Retention ratios (optional)", value="0.2",
+                                          elem_id="grid-retentions")
+    with gr.Row():
+        page.grid_button = gr.Button(value="Run grid", variant="primary", elem_id="grid-run")
+        page.grid_stop = gr.Button(value="Stop grid", elem_id="grid-stop")
+    page.grid_status = gr.Markdown("", elem_id="grid-status")
+    page.grid_table = gr.Dataframe(label="Cells", interactive=False, elem_id="grid-table")
+    page.grid_scatter = gr.HTML("", elem_id="grid-scatter")
+    page.grid_videos = gr.Gallery(label="Each cell's video", columns=4, height=300, elem_id="grid-videos")
+    with gr.Row():
+        page.grid_csv = gr.File(label="Grid as CSV", elem_id="grid-csv")
+        page.grid_json = gr.File(label="Grid as JSON", elem_id="grid-json")
+
+
 # ---------------------------------------------------------------------------
 # The events
 # ---------------------------------------------------------------------------
@@ -249,7 +302,7 @@ def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> N
 
 
 def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: gr.Blocks) -> None:
-    """Start (clamp the typed values, arm, the /generate job, then the page after it), End, /end, page load."""
+    """Start (clamp the typed values, then the /generate job as :func:`job_chain` runs one), End, /end, load."""
     import gradio as gr
 
     p = page
@@ -260,19 +313,13 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
     for control in (p.seed, p.seconds, p.latent_window_size, p.steps, p.cfg, p.gs, p.rs, p.gpu_memory_preservation,
                     p.cache, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.calibrate, p.crf, p.resample):
         raw_when_refused(control)     # the job moves a number into range, or refuses a value, in one line
-    (p.start_button
-     # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it
-     .click(events.clamp_at_start,
-            inputs=[*clamped_controls, p.cache, p.profile, p.calibrate, p.resample, p.frame_resolution],
-            outputs=[*clamped_controls, p.preset, p.plan_view], preprocess=False, queue=False, **HIDDEN_API)
-     .then(events.arm, inputs=p.session, outputs=[p.start_button, p.end_button], queue=False, **HIDDEN_API)
-     .then(generate_endpoint(events), inputs=job_inputs, outputs=[p.result_video, p.report, p.summary, p.preview,
-                                                                   p.progress],
-           api_name="generate", concurrency_limit=events.concurrency, concurrency_id="gpu", show_progress="minimal")
-     .then(events.after_job, inputs=[p.session, p.profile, p.steps, p.frame_resolution],
-           outputs=[p.start_button, p.end_button, p.profile, p.ratios_chart, p.preview, p.profile_status,
-                    p.calibrate],
-           queue=False, **HIDDEN_API))
+    # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it
+    clamped = p.start_button.click(
+        events.clamp_at_start, inputs=[*clamped_controls, p.cache, p.profile, p.calibrate, p.resample,
+                                       p.frame_resolution],
+        outputs=[*clamped_controls, p.preset, p.plan_view], preprocess=False, queue=False, **HIDDEN_API)
+    job_chain(p, events, clamped.then, generate_endpoint(events), job_inputs,
+              [p.result_video, p.report, p.summary, p.preview, p.progress], "generate")
     p.end_button.click(events.stop, inputs=p.session, outputs=None, queue=False, **HIDDEN_API)
     # the same End for API clients: `client.predict(api_name="/end")` from the Client that started the job
     # (its session); the hidden button only gives the endpoint a place in the page
@@ -281,3 +328,56 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
                          api_name="end")
     # every new page lists the profiles folder as it is now (profiles saved or copied in since start)
     demo.load(events.load_page, inputs=None, outputs=[p.profile, p.profile_status], queue=False, **HIDDEN_API)
+
+
+def job_chain(page: types.SimpleNamespace, events: AppEvents, then: Any, action: Any, inputs: list[Any],
+              outputs: list[Any], api_name: str) -> None:
+    """What every button that runs a job does, after ``then`` (an event's ``.then`` or a button's ``.click``).
+
+    Arm the session (Start off, End on, the other job buttons off), run ``action``
+    as the named endpoint ``api_name`` in the GPU's queue, then restore the page as
+    after any job (a profile it saved selected, the buttons back on).
+    """
+    p = page
+    others = [p.compare_button, p.render_button, p.grid_button]
+    (then(events.arm, inputs=p.session, outputs=[p.start_button, p.end_button], queue=False, **HIDDEN_API)
+     .then(job_buttons(False), outputs=others, queue=False, **HIDDEN_API)
+     .then(action, inputs=inputs, outputs=outputs, api_name=api_name, concurrency_limit=events.concurrency,
+           concurrency_id="gpu", show_progress="minimal")
+     .then(events.after_job, inputs=[p.session, p.profile, p.steps, p.frame_resolution],
+           outputs=[p.start_button, p.end_button, p.profile, p.ratios_chart, p.preview, p.profile_status,
+                    p.calibrate],
+           queue=False, **HIDDEN_API)
+     .then(job_buttons(True), outputs=others, queue=False, **HIDDEN_API))
+
+
+def job_buttons(interactive: bool) -> Any:
+    """A handler that turns Compare, Render without cache and Run grid on or off (off while a job runs)."""
+    import gradio as gr
+
+    return lambda: (gr.update(interactive=interactive),) * 3
+
+
+def rerun_events(page: types.SimpleNamespace, events: AppEvents) -> None:
+    """Compare with no cache (/compare) and Render without cache (/render_without_cache): the last
+    finished job with the cache Off, run as any job is (:func:`job_chain`)."""
+    p = page
+    rerun = RerunEvents(events)
+    job_outputs = [p.result_video, p.report, p.summary, p.preview, p.progress]
+    compare_outputs = [p.compare_panel, p.cached_video, p.uncached_video, p.comparison_summary,
+                       p.comparison_charts, p.comparison]
+    job_chain(p, events, p.compare_button.click, rerun.compare, [p.session], job_outputs + compare_outputs,
+              "compare")
+    job_chain(p, events, p.render_button.click, rerun.render_without_cache, [p.session], job_outputs,
+              "render_without_cache")
+
+
+def grid_events(page: types.SimpleNamespace, events: AppEvents) -> None:
+    """Run grid (/grid) on the Generate tab's job (:func:`job_chain`); Stop grid is End for this session."""
+    p = page
+    inputs = [p.input_image, p.prompt, p.n_prompt, p.seed, p.seconds, p.latent_window_size, p.steps, p.cfg, p.gs,
+              p.rs, p.gpu_memory_preservation, p.profile, p.crf, p.resample, p.grid_thresholds, p.grid_ks,
+              p.grid_retentions, p.session]
+    job_chain(p, events, p.grid_button.click, grid_endpoint(GridEvents(events)), inputs,
+              [p.grid_status, p.grid_table, p.grid_scatter, p.grid_videos, p.grid_csv, p.grid_json], "grid")
+    p.grid_stop.click(events.stop, inputs=p.session, outputs=None, queue=False, **HIDDEN_API)

@@ -157,8 +157,12 @@ def profile_status_html(note: str = "", left_out: str = "") -> str:
 
 
 def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: str,
-                     width: int = 460, height: int = 220) -> str:
-    """A small inline SVG line chart of magnitude ratios per step (no plotting library needed)."""
+                     width: int = 460, height: int = 220, x_label: str = "step",
+                     reference: float | None = 1.0) -> str:
+    """A small inline SVG line chart of magnitude ratios per step (no plotting library needed).
+
+    ``x_label`` names the x axis; a dashed line marks ``reference`` (ratio 1.0) when it is in range.
+    """
     series = [(name, [float(v) for v in values], color) for name, values, color in series if values]
     if not series:
         return ""
@@ -191,9 +195,10 @@ def ratios_chart_svg(series: Sequence[tuple[str, Sequence[float], str]], title: 
                      f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
     for i in range(0, n_max, 5 if n_max > 12 else 1):
         parts.append(f'<text x="{x(i):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{i}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">step</text>')
-    if lo < 1.0 < hi:
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(1.0):.1f}" y2="{y(1.0):.1f}" '
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 2}" text-anchor="middle">'
+                 f'{html.escape(x_label)}</text>')
+    if reference is not None and lo < reference < hi:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(reference):.1f}" y2="{y(reference):.1f}" '
                      'stroke="#6b7280" stroke-dasharray="3 3"/>')
     for k, (name, values, color) in enumerate(series):
         # a table of another length is stretched over the same step axis (0 .. last step)
@@ -310,3 +315,146 @@ def summary_markdown(lines: Sequence[str]) -> str:
     head, *rest = lines
     body = "".join(f"\n- {html.escape(line, quote=False)}" for line in rest)
     return f"**{html.escape(head, quote=False)}**\n{body}"
+
+
+# ---------------------------------------------------------------------------
+# Compare with no cache
+# ---------------------------------------------------------------------------
+
+def cache_label(value: str) -> str:
+    """A cache's name as the Cache choice shows it ("magcache" -> "MagCache")."""
+    return {v: label for label, v in CACHE_CHOICES}.get(value, value)
+
+
+#: Where the PSNR chart draws a frame identical in both videos (its PSNR is infinite).
+PSNR_CHART_CAP = 60.0
+
+
+def psnr_for_chart(values: Sequence[float | str]) -> list[float]:
+    """Per-frame PSNR as drawn: "inf" (identical frames) and anything above the cap at :data:`PSNR_CHART_CAP`."""
+    return [min(float(v), PSNR_CHART_CAP) for v in values]
+
+
+def comparison_charts(comparison: dict[str, Any]) -> str:
+    """Per-frame PSNR and SSIM of the cached video against the uncached one, as two small charts."""
+    cache = cache_label(comparison["cache"])
+    psnr = ratios_chart_svg([(f"{cache} vs Off", psnr_for_chart(comparison["psnr"]["per_frame"]), "#2563eb")],
+                            f"PSNR per frame (dB; identical frames drawn at {PSNR_CHART_CAP:.0f})",
+                            x_label="frame", reference=None)
+    ssim = ratios_chart_svg([(f"{cache} vs Off", comparison["ssim"]["per_frame"], "#dc2626")],
+                            "SSIM per frame (1 = identical)", x_label="frame", reference=None)
+    return f'<div class="mc-compare-charts" style="display:flex;flex-wrap:wrap;gap:8px">{psnr}{ssim}</div>'
+
+
+def _times(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{speedup:.2f}x"
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    """The comparison in words: both times, the measured speedups next to the planned one, the distances."""
+    c, u, speed = comparison["cached"], comparison["uncached"], comparison["speedup"]
+    cache = cache_label(comparison["cache"])
+    psnr, ssim = comparison["psnr"], comparison["ssim"]
+    mean_db = psnr["mean_finite"] if isinstance(psnr["mean_finite"], str) else f"{psnr['mean_finite']:.2f}"
+    min_db = psnr["min"] if isinstance(psnr["min"], str) else f"{psnr['min']:.2f}"
+    planned = ("no plan (TeaCache decides as it runs)" if speed["planned"] is None
+               else f"planned {_times(speed['planned'])}")
+    lines = [
+        f"**{cache} against no cache**, {comparison['frames']} frames",
+        f"- time: {c['seconds']:.1f} s with the cache, {u['seconds']:.1f} s without: {_times(speed['wall'])} "
+        f"measured ({planned})",
+        f"- sampling: {c['sampling_seconds']:.1f} s against {u['sampling_seconds']:.1f} s: "
+        f"{_times(speed['sampling'])}; computed {c['computed_steps']} of {c['total_steps']} steps",
+        f"- PSNR: mean {mean_db} dB over frames that differ ({psnr['identical_frames']} identical), "
+        f"worst {min_db} dB",
+        f"- SSIM: mean {ssim['mean']:.4f}, worst {ssim['min']:.4f}",
+        (f"- LPIPS: mean {comparison['lpips']['mean']:.4f}, worst {comparison['lpips']['max']:.4f}"
+         if comparison.get("lpips") else f"- {comparison.get('lpips_note') or 'LPIPS: not measured'}"),
+        "",
+        "Both measure how far the cache moved the video from the one the same job makes without it, "
+        "not how good either video looks: watch both.",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The settings grid
+# ---------------------------------------------------------------------------
+
+#: The grid table's columns: (header, GridRow field).
+GRID_COLUMNS = (("setting", "setting"), ("status", "status"), ("computed", "computed_steps"),
+                ("planned x", "planned_speedup"), ("measured x", "wall_speedup"),
+                ("sampling x", "sampling_speedup"), ("PSNR mean dB", "psnr_mean"), ("PSNR min dB", "psnr_min"),
+                ("SSIM mean", "ssim_mean"), ("SSIM min", "ssim_min"))
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return "inf" if value == float("inf") else round(value, 3 if abs(value) >= 1 else 4)
+    return "" if value is None else value
+
+
+def grid_table(rows: Sequence[Any]) -> dict[str, Any]:
+    """The grid's table as a Dataframe value: one row per cell that ran (a failed one says why)."""
+    data = []
+    for row in rows:
+        values = [_cell(getattr(row, field)) for _, field in GRID_COLUMNS]
+        if row.status != "done":
+            values[1] = f"{row.status}: {row.message}"
+        data.append(values)
+    return {"headers": [header for header, _ in GRID_COLUMNS], "data": data}
+
+
+def grid_status(rows: Sequence[Any], total: int, note: str) -> str:
+    """The line above the grid: where it is, or why it stopped."""
+    return f"**Grid:** {html.escape(note, quote=False)}" if note else ""
+
+
+def _scatter_svg(points: Sequence[tuple[float, float, str]], title: str, y_label: str,
+                 width: int = 320, height: int = 240) -> str:
+    """A small SVG scatter: x = measured speedup, y = the distance, each point labelled with its cell."""
+    if not points:
+        return ""
+    left, right, top, bottom = 46, 12, 22, 30
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_lo, x_hi = min(1.0, min(xs)), max(xs) * 1.05 + 0.05
+    y_pad = max((max(ys) - min(ys)) * 0.1, 0.01)
+    y_lo, y_hi = min(ys) - y_pad, max(ys) + y_pad
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(v: float) -> float:
+        return left + plot_w * (v - x_lo) / (x_hi - x_lo)
+
+    def py(v: float) -> float:
+        return top + plot_h * (y_hi - v) / (y_hi - y_lo)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+             f'style="max-width:{width}px;font:10px sans-serif" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="4" y="13" font-weight="bold">{html.escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#9ca3af"/>',
+             f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">measured speedup (x)</text>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{y_hi:.3g}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{y_lo:.3g}</text>',
+             f'<text x="{left}" y="{top + plot_h + 12}" text-anchor="middle">{x_lo:.2g}</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 12}" text-anchor="end">{x_hi:.2g}</text>',
+             f'<text x="10" y="{top + plot_h / 2:.1f}" transform="rotate(-90 10 {top + plot_h / 2:.1f})" '
+             f'text-anchor="middle">{html.escape(y_label)}</text>']
+    for x, y, label in points:
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="#2563eb">'
+                     f'<title>{html.escape(label)}: {x:.2f}x, {y:.4g}</title></circle>'
+                     f'<text x="{px(x) + 5:.1f}" y="{py(y) - 4:.1f}" font-size="9">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def grid_scatter(rows: Sequence[Any]) -> str:
+    """Speedup against PSNR and against SSIM to the uncached video, one point per finished cell.
+
+    A cell whose frames all equal the reference (infinite PSNR) is drawn at :data:`PSNR_CHART_CAP`.
+    """
+    done = [r for r in rows if r.status == "done" and r.wall_speedup is not None]
+    psnr = [(r.wall_speedup, min(r.psnr_mean, PSNR_CHART_CAP), r.setting) for r in done if r.psnr_mean is not None]
+    ssim = [(r.wall_speedup, r.ssim_mean, r.setting) for r in done if r.ssim_mean is not None]
+    charts = (_scatter_svg(psnr, "Speedup against PSNR to no cache", "PSNR mean (dB)")
+              + _scatter_svg(ssim, "Speedup against SSIM to no cache", "SSIM mean"))
+    return f'<div class="mc-grid-scatter" style="display:flex;flex-wrap:wrap;gap:8px">{charts}</div>' if charts else ""

@@ -33,6 +33,7 @@ import numpy as np
 from magcache_framepack.bench.quality import compare_videos
 from magcache_framepack.bench.report import (SpeedSetting, UsageError, fmt_db, nonneg_int, positive_int,
                                              setting_arg, speed_settings, write_json)
+from magcache_framepack.grid import GridCell, cell_settings
 from magcache_framepack.settings import VARIANT_NAMES
 
 logger = logging.getLogger(__name__)
@@ -187,13 +188,12 @@ def run_sweep(image: str, prompt: str, settings: Sequence[SpeedSetting], out_dir
         if res.status != "done":
             logger.warning("sweep: warm-up job %s: %s", res.status, res.message)
     runs: dict[str, list[Any]] = {s.name: [] for s in settings}
+    base = JobSettings(prompt=prompt, seed=seed, seconds=seconds, steps=steps, crf=crf)
     for rnd in range(repeats):
         shift = rnd % len(settings)
         for s in list(settings[shift:]) + list(settings[:shift]):
-            job = JobSettings(prompt=prompt, seed=seed, seconds=seconds, steps=steps, crf=crf,
-                              cache="off" if s.params is None else "magcache")
-            if s.params is not None:
-                job.magcache_thresh, job.magcache_K, job.retention_ratio = s.params
+            # the app's Cache grid runs the same jobs: the uncached reference and one per setting
+            job = cell_settings(base, None if s.params is None else GridCell(*s.params))
             videos = out / "videos" / _safe(s.name)
             if rnd:
                 videos = videos / f"repeat{rnd + 1}"
