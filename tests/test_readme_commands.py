@@ -3,19 +3,21 @@
 The README's fenced blocks are parsed (bash, sh, shell, console or unmarked;
 a block in any other language must be listed in ``OTHER_BLOCKS`` with why it
 holds no commands).  Each command line (continuations joined, comments and
-``$`` prompts dropped) must match exactly one rule: a ``RUNNABLE`` rule, which
-runs it here, or a ``NOT_RUN`` rule, which says why it cannot run on a CPU
-machine inside a test.  A command that matches none fails the test, so a new
-README command cannot slip by untested; a rule that matches no command fails
-too, so the tables stay the README's.
+``$`` prompts dropped) is matched against ``NOT_RUN`` (why it cannot run on a
+CPU machine inside a test), then ``RUNNABLE`` (it runs here).  A command that
+matches neither fails the test, so a new README command cannot slip by
+untested; a rule that matches no command fails too, so the tables stay the
+README's.
 
 A runnable command is rewritten by ``tiny_argv`` (``python`` -> this venv's
 interpreter, the launcher -> its path in the repository, ``--tiny`` added,
-seconds, steps, resolutions and repeats made small) and runs as a subprocess
-in a temporary folder holding the files the README assumes the reader has
-(``INPUTS``), in README order, since later commands read what earlier ones
-wrote (``--replay dance.json``, ``magcache_profiles/*.json``).  The apps are
-started on a free loopback port, must serve their page, and are stopped.
+seconds, steps, resolutions and repeats made small) and runs in its own
+process in a temporary folder holding the files the README assumes the
+reader has (``INPUTS``), in README order, since later commands read what
+earlier ones wrote (``--replay dance.json``, ``magcache_profiles/*.json``);
+it must exit 0 (``RUNNER`` says how the processes start).  The apps are
+started as plain subprocesses on free loopback ports, must serve their page,
+and are stopped.
 """
 
 from __future__ import annotations
@@ -130,9 +132,10 @@ def classify(command: str) -> tuple[str, str]:
 
 # -- the tiny rewrite --------------------------------------------------------------------------------
 
-#: Flags whose values are made small, per tool: a comma list keeps its length (25,50 -> 2,3).
+#: Flags whose values are made small, per tool: a comma list keeps at most as many entries as the small
+#: value has (--steps 25,50 -> 2,3; a calibration grid stays a grid, of 2 tiny jobs instead of 6).
 SMALL = {
-    "magcache_generate.py": {"--seconds": "1", "--steps": "2,3", "--resolutions": "64,80"},
+    "magcache_generate.py": {"--seconds": "1", "--steps": "2,3", "--resolutions": "64"},
     "speed": {"--size": "tiny", "--steps": "2", "--repeats": "1", "--warmup": "0"},
     "sweep": {"--seconds": "1", "--steps": "2", "--repeats": "1"},
 }
@@ -146,7 +149,7 @@ ADDED: dict[str, dict[str, str | None]] = {
 
 
 def small(value: str, replacement: str) -> str:
-    """A single value becomes the replacement's first entry; a comma list its first entries (25,50 -> 2,3)."""
+    """The replacement's first n entries for a list of n values (25,50 -> 2,3; 384,512,640 -> 64)."""
     return ",".join(replacement.split(",")[:value.count(",") + 1])
 
 
@@ -255,7 +258,7 @@ def test_rewrite_is_tiny_and_small() -> None:
             [py, gen, "--image", "in.png", "--prompt", "a b", "--variant", "f1", "--seconds", "1", "--output", "d.mp4",
              "--tiny", "--steps", "2", "--resolution", "64"],
         "python magcache_generate.py --calibrate --image in.png --resolutions 384,512,640 --steps 25,50":
-            [py, gen, "--calibrate", "--image", "in.png", "--resolutions", "64,80", "--steps", "2,3", "--tiny",
+            [py, gen, "--calibrate", "--image", "in.png", "--resolutions", "64", "--steps", "2,3", "--tiny",
              "--seconds", "1"],
         "python magcache_generate.py --replay d.json --seed 7 --output o.mp4":
             [py, gen, "--replay", "d.json", "--seed", "7", "--output", "o.mp4", "--tiny"],
