@@ -260,8 +260,9 @@ def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
     carrying the earlier drift, so a run of skips costs the sum of its
     accumulated errors (the quantity :func:`skip_schedule` compares with the
     threshold), and the plan the sum over its runs.  0.0 for a plan that skips
-    nothing.  On a model with its own calibration it ranks settings as the
-    final latent's distance to the uncached run does (README: the Spearman check).
+    nothing.  It is a ranking by the table alone: how well it follows the final
+    latent's measured distance to the uncached run is checked, and on random
+    weights found wanting, in the README (the Spearman check).
     """
     return sum(e for e in _plan_with_errors(mag_ratios, num_steps, magcache_thresh, magcache_K,
                                             retention_ratio, resample) if e is not None)

@@ -79,9 +79,9 @@ def grid_cells(thresholds: Sequence[float], ks: Sequence[int], retentions: Seque
 def cell_settings(base: JobSettings, cell: GridCell | None) -> JobSettings:
     """The job of one cell: ``base`` with this MagCache setting, or with the cache Off for the reference."""
     if cell is None:
-        return dataclasses.replace(base, cache="off", calibrate=False)
-    return dataclasses.replace(base, cache="magcache", calibrate=False, magcache_thresh=cell.thresh,
-                               magcache_K=cell.k, retention_ratio=cell.retention)
+        return dataclasses.replace(base, cache="off", calibrate=False, target_speedup=None)
+    return dataclasses.replace(base, cache="magcache", calibrate=False, target_speedup=None,
+                               magcache_thresh=cell.thresh, magcache_K=cell.k, retention_ratio=cell.retention)
 
 
 @dataclasses.dataclass(frozen=True)

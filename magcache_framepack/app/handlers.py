@@ -32,7 +32,7 @@ import magcache_core
 from magcache_framepack.app.views import (
     CUSTOM_PRESET, LIBRARY, PUBLISHED, job_report, message_html, plan_message, plan_panel, preset_for,
     preset_values, profile_status_html, progress_html, ratios_in_use_chart, calibration_chart, SkipPlan,
-    summary_markdown, format_duration, eta_seconds)
+    summary_markdown, format_duration, eta_seconds, tradeoff_chart)
 from magcache_framepack.settings import LIMITS, JobSettings, section_count, setting_name
 
 logger = logging.getLogger(__name__)
@@ -241,11 +241,13 @@ def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str,
 def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_thresh: float,
                     magcache_K: float, retention_ratio: float, profile_choice: str | None,
                     calibrate: bool, cfg: float = 1.0, resample: str = "magnitude",
-                    resolution: float | None = None) -> str:
+                    resolution: float | None = None, target_speedup: float | None = None) -> str:
     """The live skip-plan panel for the current settings, and the table it comes from (never raises).
 
     ``resolution`` is the job's frame resolution, (height + width) / 2 of the bucket its image gets
     (:func:`image_frame_resolution`); None before an image is known: the app's default frames.
+    With ``target_speedup`` the plan is the planner's choice for it, as the job's; under the plan,
+    the trade-off of the planner's candidates on this table, with the plan that runs marked.
     """
     message = plan_message(cache, int(steps), calibrate)
     if message is not None:
@@ -253,13 +255,23 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
     try:
         settings = JobSettings(prompt="", steps=int(steps), magcache_thresh=float(magcache_thresh),
                                magcache_K=int(round(float(magcache_K))), retention_ratio=float(retention_ratio),
-                               cfg=float(cfg), resample=str(resample))
+                               cfg=float(cfg), resample=str(resample), target_speedup=target_speedup)
         config = plan_config(catalog, settings, profile_choice, resolution)
     except ValueError as exc:
         return message_html(f"No plan: {exc}")
     plan = SkipPlan(tuple(config.schedule()), branches=2 if float(cfg) > 1.0 else 1)
-    return plan_panel(plan, table_source(catalog, profile_choice, config), config.profile is not None, int(steps),
-                      resolution, catalog.resolution)
+    return (plan_panel(plan, table_source(catalog, profile_choice, config), config.profile is not None, int(steps),
+                       resolution, catalog.resolution)
+            + tradeoff_html(config, target_speedup))
+
+
+def tradeoff_html(config: magcache_core.MagCacheConfig, target_speedup: float | None) -> str:
+    """The planner's trade-off on this config's table (speedup against planned error), this plan marked."""
+    candidates = magcache_core.plan_candidates(config.mag_ratios, config.num_steps, config.resample)
+    current = (config.num_steps / max(1, config.schedule().count(False)),
+               magcache_core.planned_error(config.mag_ratios, config.num_steps, config.magcache_thresh,
+                                           config.magcache_K, config.retention_ratio, config.resample))
+    return tradeoff_chart(magcache_core.tradeoff_curve(candidates), current, target_speedup)
 
 
 def ratios_chart_html(catalog: ProfileCatalog, profile_choice: str | None, steps: int = 25,
@@ -641,7 +653,7 @@ class JobStream:
 def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: Any, latent_window_size: Any,
                    steps: Any, cfg: Any, gs: Any, rs: Any, gpu_memory_preservation: Any, cache: Any,
                    magcache_thresh: Any, magcache_K: Any, retention_ratio: Any, calibrate: Any, mp4_crf: Any,
-                   resample: Any, profile_path: pathlib.Path | None) -> JobSettings:
+                   resample: Any, profile_path: pathlib.Path | None, target_speedup: Any = None) -> JobSettings:
     """The settings a UI or API client typed, as numbers, before they are moved into the limits.
 
     :func:`into_range` then moves them as the page's Start does, so the job, the page and the
@@ -649,7 +661,9 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
     that is not true or false, raises ValueError (TypeError) naming the input and what it accepts.
     The page and the /generate endpoint keep FramePack's names for two inputs,
     ``total_second_length`` and ``mp4_crf``, so API clients keep working; this is
-    the one place they become JobSettings' ``seconds`` and ``crf``.
+    the one place they become JobSettings' ``seconds`` and ``crf``.  ``target_speedup`` (empty:
+    none) plans the threshold, K and retention of a MagCache job; with another cache, or a
+    calibration, it does not apply and is dropped (the page's plan panel says which plan runs).
     """
     if not isinstance(calibrate, bool):
         raise TypeError(f"calibrate = {calibrate!r}: must be true or false")
@@ -658,6 +672,8 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
             "magcache_thresh": magcache_thresh, "magcache_K": magcache_K, "retention_ratio": retention_ratio,
             "mp4_crf": mp4_crf}
     numbers = {setting_name(shown): typed_number(setting_name(shown), value, shown) for shown, value in sent.items()}
+    if target_speedup not in (None, "") and str(cache) == "magcache" and not calibrate:
+        numbers["target_speedup"] = typed_number("target_speedup", target_speedup, "target_speedup")
     return JobSettings(prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), cache=str(cache),
                        mag_ratios=str(profile_path) if profile_path else None, calibrate=calibrate,
                        resample=str(resample), **numbers)
@@ -779,10 +795,12 @@ class AppEvents:
 
     # -- the plan panel, presets, profiles and chart ---------------------------------------------
     def plan(self, cache: str, steps: Any, thresh: Any, k: Any, retention: Any, profile: str | None,
-             calibrate: bool, cfg: Any, resample: str = "magnitude", resolution: Any = None) -> str:
+             calibrate: bool, cfg: Any, resample: str = "magnitude", resolution: Any = None,
+             target: Any = None) -> str:
         """The plan panel for the values as a job would run them (typed values clamped into the limits).
 
-        ``resolution``: the frame resolution of the uploaded image's bucket (None before one is given).
+        ``resolution``: the frame resolution of the uploaded image's bucket (None before one is given);
+        ``target``: the target speedup box (empty: none).
         """
         try:
             steps, thresh, k, retention, cfg = (LIMITS[name].clamp(float(value)) for name, value in (
@@ -791,7 +809,36 @@ class AppEvents:
         except (TypeError, ValueError, OverflowError):
             return message_html("No plan: a MagCache setting is not a number.")
         return plan_panel_html(self.catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample,
-                               self.resolution_of(resolution))
+                               self.resolution_of(resolution), self.target_of(target))
+
+    @staticmethod
+    def target_of(value: Any) -> float | None:
+        """The target speedup box as a job runs it: None when empty or not a number, else clamped to its limits."""
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return float(LIMITS["target_speedup"].clamp(value)) if math.isfinite(value) else None
+
+    def apply_target(self, target: Any, steps: Any, profile: str | None, resample: str,
+                     resolution: Any) -> tuple[Any, Any, Any, Any]:
+        """A target speedup typed: the planner's threshold, K and retention into the sliders, and the preset.
+
+        Nothing changes when the box is empty, or no setting reaches the target (the plan panel says why).
+        """
+        import gradio as gr
+
+        target = self.target_of(target)
+        unchanged = (gr.update(),) * 4
+        if target is None:
+            return unchanged
+        settings = JobSettings(prompt="", steps=self.steps_of(steps), resample=str(resample), target_speedup=target)
+        try:
+            config = plan_config(self.catalog, settings, profile, self.resolution_of(resolution))
+        except ValueError:
+            return unchanged
+        return (config.magcache_thresh, config.magcache_K, config.retention_ratio,
+                preset_for(config.magcache_thresh, config.magcache_K, config.retention_ratio))
 
     @staticmethod
     def apply_preset(name: str) -> tuple[Any, Any, Any]:
@@ -857,11 +904,11 @@ class AppEvents:
 
         The same rule as the job itself (:meth:`JobSettings.clamped`), so the sliders, the preset
         and the plan show the values the job then receives.  ``values``: the :data:`CLAMPED_NAMES`
-        boxes, then cache, profile, calibrate, resample and frame resolution.
+        boxes, then cache, profile, calibrate, resample, frame resolution and target speedup.
         """
         import gradio as gr
 
-        *numbers, cache_value, profile_value, calibrate_value, resample_value, resolution = values
+        *numbers, cache_value, profile_value, calibrate_value, resample_value, resolution, target = values
         typed = {}
         for name, value in zip(CLAMPED_NAMES, numbers):
             try:
@@ -877,12 +924,13 @@ class AppEvents:
         return (*out, preset_for(clamped.magcache_thresh, clamped.magcache_K, clamped.retention_ratio),
                 self.plan(cache_value, clamped.steps, clamped.magcache_thresh, clamped.magcache_K,
                           clamped.retention_ratio, profile_value, bool(calibrate_value), clamped.cfg,
-                          resample_value, resolution))
+                          resample_value, resolution, target))
 
     def run(self, input_image: Any, prompt: Any, n_prompt: Any, seed: Any, total_second_length: Any,
             latent_window_size: Any, steps: Any, cfg: Any, gs: Any, rs: Any, gpu_memory_preservation: Any,
             cache: Any, magcache_thresh: Any, magcache_K: Any, retention_ratio: Any, mag_ratios: Any,
-            calibrate: Any, mp4_crf: Any, resample: Any, session: SessionJobs | None) -> Iterator[tuple[Any, ...]]:
+            calibrate: Any, mp4_crf: Any, resample: Any, target_speedup: Any,
+            session: SessionJobs | None) -> Iterator[tuple[Any, ...]]:
         """The /generate endpoint's body: check the inputs, then stream the job (a refused one says why)."""
         import gradio as gr
 
@@ -893,7 +941,7 @@ class AppEvents:
             settings, moved = into_range(typed_settings(
                 prompt, n_prompt, seed, total_second_length, latent_window_size, steps, cfg, gs, rs,
                 gpu_memory_preservation, cache, magcache_thresh, magcache_K, retention_ratio, calibrate, mp4_crf,
-                resample, profile_path))
+                resample, profile_path, target_speedup))
             image = self.checked_image(input_image, settings, mag_ratios)
         except (TypeError, ValueError, OverflowError) as exc:
             message = f"Cannot start: {exc}"
@@ -915,9 +963,9 @@ class AppEvents:
         """The job's image, once the image, the settings and the chosen profile are known to be usable.
 
         Raises ValueError saying what is wrong: no image, a file that is not one, a setting
-        out of range, a profile of another variant or model.
+        out of range, a profile of another variant or model, a target speedup no setting reaches.
         """
-        from magcache_framepack.job import read_image
+        from magcache_framepack.job import find_bucket, read_image
 
         if isinstance(input_image, UnreadableImage):
             raise ValueError(input_image.message)
@@ -927,6 +975,9 @@ class AppEvents:
         settings.validate()
         if settings.mag_ratios is not None:
             self.catalog.load(mag_ratios)        # refuses another variant's profile with a clear message
+        if settings.target_speedup is not None:  # an unreachable target: the best reachable, before the job
+            height, width = find_bucket(image.shape[0], image.shape[1], self.bucket_resolution)
+            plan_config(self.catalog, settings, mag_ratios, magcache_core.frame_resolution(height, width))
         return image
 
     def job_plan(self, settings: JobSettings, profile_choice: str | None, resolution: float) -> dict[str, Any]:
@@ -1053,9 +1104,9 @@ def generate_endpoint(events: AppEvents) -> Callable[..., Iterator[tuple[Any, ..
                  gs=d.gs, rs=d.rs, gpu_memory_preservation=d.gpu_memory_preservation,
                  cache="magcache", magcache_thresh=d_thresh, magcache_K=d_k, retention_ratio=d_retention,
                  mag_ratios=events.initial_profile, calibrate=False, mp4_crf=d.crf,
-                 resample=d.resample, session=None):
+                 resample=d.resample, target_speedup=None, session=None):
         yield from events.run(input_image, prompt, n_prompt, seed, total_second_length, latent_window_size, steps,
                               cfg, gs, rs, gpu_memory_preservation, cache, magcache_thresh, magcache_K,
-                              retention_ratio, mag_ratios, calibrate, mp4_crf, resample, session)
+                              retention_ratio, mag_ratios, calibrate, mp4_crf, resample, target_speedup, session)
 
     return generate

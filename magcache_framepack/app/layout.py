@@ -146,6 +146,10 @@ def magcache_controls(page: types.SimpleNamespace, events: AppEvents) -> None:
     # retention stays below 1 (1 would mean "compute every step": use Cache Off)
     page.retention_ratio = gr.Slider(label="Retention ratio", value=d_retention, info=HELP["retention"],
                                      elem_id="retention", **bounds("retention_ratio"))
+    page.target_speedup = gr.Number(
+        label="Target speedup (optional)", value=None, elem_id="target-speedup",
+        info="Empty: the threshold, K and retention above decide. A number such as 2: the planner picks the "
+             "setting that computes at most steps / 2 steps with the least planned error, and sets them above.")
     page.plan_view = gr.HTML(
         events.plan("magcache", defaults.steps, d_thresh, d_k, d_retention, events.initial_profile, False,
                     defaults.cfg),
@@ -269,7 +273,7 @@ def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> N
                   queue=False, **HIDDEN_API)
 
     plan_inputs = [p.cache, p.steps, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.profile, p.calibrate,
-                   p.cfg, p.resample, p.frame_resolution]
+                   p.cfg, p.resample, p.frame_resolution, p.target_speedup]
     for control in plan_inputs:
         # raw values (preprocess=False): a number typed beyond a slider's range plans as it will run
         control.change(events.plan, inputs=plan_inputs, outputs=p.plan_view, show_progress="hidden", queue=False,
@@ -282,6 +286,16 @@ def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> N
         # raw values (preprocess=False): Gradio would refuse a number typed beyond the slider with an error
         slider.input(events.typed_preset, inputs=knobs, outputs=p.preset, preprocess=False,
                      show_progress="hidden", queue=False, **HIDDEN_API)
+    # a target speedup sets the three knobs (again when the table it plans on changes); setting a knob
+    # or a preset by hand clears the target
+    target_inputs = [p.target_speedup, p.steps, p.profile, p.resample, p.frame_resolution]
+    p.target_speedup.input(events.apply_target, inputs=target_inputs, outputs=[*knobs, p.preset], preprocess=False,
+                           show_progress="hidden", queue=False, **HIDDEN_API)
+    for control in (p.steps, p.profile, p.resample, p.frame_resolution):
+        control.change(events.apply_target, inputs=target_inputs, outputs=[*knobs, p.preset], preprocess=False,
+                       show_progress="hidden", queue=False, trigger_mode="always_last", **HIDDEN_API)
+    for control in (*knobs, p.preset):
+        control.input(lambda: None, outputs=p.target_speedup, show_progress="hidden", queue=False, **HIDDEN_API)
 
     chart_inputs = [p.profile, p.steps, p.resample, p.frame_resolution]
     p.profile.input(events.select_profile, inputs=chart_inputs, outputs=[p.profile, p.profile_status, p.ratios_chart],
@@ -308,15 +322,16 @@ def start_and_end_events(page: types.SimpleNamespace, events: AppEvents, demo: g
     p = page
     job_inputs = [p.input_image, p.prompt, p.n_prompt, p.seed, p.seconds, p.latent_window_size,
                   p.steps, p.cfg, p.gs, p.rs, p.gpu_memory_preservation, p.cache, p.magcache_thresh, p.magcache_K,
-                  p.retention_ratio, p.profile, p.calibrate, p.crf, p.resample, p.session]
+                  p.retention_ratio, p.profile, p.calibrate, p.crf, p.resample, p.target_speedup, p.session]
     clamped_controls = [getattr(p, name) for name in CLAMPED_NAMES]
     for control in (p.seed, p.seconds, p.latent_window_size, p.steps, p.cfg, p.gs, p.rs, p.gpu_memory_preservation,
-                    p.cache, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.calibrate, p.crf, p.resample):
+                    p.cache, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.calibrate, p.crf, p.resample,
+                    p.target_speedup):
         raw_when_refused(control)     # the job moves a number into range, or refuses a value, in one line
     # raw values (preprocess=False): Gradio 6 would refuse a typed 500 before we could clamp it
     clamped = p.start_button.click(
         events.clamp_at_start, inputs=[*clamped_controls, p.cache, p.profile, p.calibrate, p.resample,
-                                       p.frame_resolution],
+                                       p.frame_resolution, p.target_speedup],
         outputs=[*clamped_controls, p.preset, p.plan_view], preprocess=False, queue=False, **HIDDEN_API)
     job_chain(p, events, clamped.then, generate_endpoint(events), job_inputs,
               [p.result_video, p.report, p.summary, p.preview, p.progress], "generate")

@@ -43,7 +43,8 @@ def uncached_rerun(last: tuple[JobRequest, Any] | None) -> tuple[JobRequest | No
     if s.cache == "off" or s.calibrate:
         why = "a calibration run, which computes every step" if s.calibrate else "run with the cache Off"
         return None, f"The last job was {why}: its video {result.video_path} is already the uncached render."
-    return dataclasses.replace(request, settings=dataclasses.replace(s, cache="off", calibrate=False)), ""
+    uncached = dataclasses.replace(s, cache="off", calibrate=False, target_speedup=None)
+    return dataclasses.replace(request, settings=uncached), ""
 
 
 class RerunEvents:

@@ -146,6 +146,51 @@ def plan_panel(plan: SkipPlan, source: str, chosen: bool, steps: int, resolution
                                    f'Ratio table: {html.escape(source)} ({html.escape(why)}).</div>')
 
 
+def tradeoff_chart(curve: Sequence[tuple[float, float]], current: tuple[float, float],
+                   target: float | None = None, width: int = 460, height: int = 170) -> str:
+    """The planner's trade-off: for each speedup, the least planned error reaching it; this plan marked.
+
+    ``curve`` is :func:`magcache_core.tradeoff_curve` of the candidates, ``current`` the
+    (speedup, planned error) of the plan that runs, ``target`` the asked speedup (a dashed line).
+    Planned error is what the plan accepts by the ratio table, a ranking of settings on
+    this table, not a measured distance (see the README).
+    """
+    if not curve:
+        return ""
+    left, right, top, bottom = 44, 10, 22, 28
+    x_hi = max(max(x for x, _ in curve), current[0], target or 1.0) * 1.04
+    y_hi = max(max(y for _, y in curve), current[1]) * 1.1 or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(v: float) -> float:
+        return left + plot_w * (v - 1.0) / max(x_hi - 1.0, 1e-9)
+
+    def py(v: float) -> float:
+        return top + plot_h * (1.0 - v / y_hi)
+
+    line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in curve)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
+             f'class="mc-tradeoff" style="max-width:{width}px;font:10px sans-serif" role="img" '
+             'aria-label="Speedup against planned error">',
+             '<text x="4" y="13" font-weight="bold">Speedup against planned error (the planner&#8217;s candidates on '
+             'this table)</text>',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#9ca3af"/>',
+             f'<polyline points="{line}" fill="none" stroke="#6b7280" stroke-width="1.5"/>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{y_hi:.2g}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>',
+             f'<text x="{left}" y="{top + plot_h + 12}" text-anchor="middle">1x</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 12}" text-anchor="end">{x_hi:.1f}x</text>',
+             f'<text x="{left + plot_w / 2:.1f}" y="{height - 3}" text-anchor="middle">planned speedup '
+             '(steps / computed steps)</text>']
+    if target is not None:
+        parts.append(f'<line x1="{px(target):.1f}" x2="{px(target):.1f}" y1="{top}" y2="{top + plot_h}" '
+                     f'stroke="#2563eb" stroke-dasharray="3 3"><title>target {target:g}x</title></line>')
+    parts.append(f'<circle class="mc-tradeoff-current" cx="{px(current[0]):.1f}" cy="{py(current[1]):.1f}" r="4" '
+                 f'fill="#dc2626"><title>this plan: {current[0]:.2f}x, planned error {current[1]:.3g}</title>'
+                 '</circle></svg>')
+    return '<div class="mc-tradeoff-chart" style="margin-top:4px">' + "".join(parts) + "</div>"
+
+
 def profile_status_html(note: str = "", left_out: str = "") -> str:
     """The line under the profile dropdown: ``note`` (the selected profile in full, or why it was
     refused; ``**bold**`` allowed) and ``left_out`` (how many files were left out, and why)."""
