@@ -133,7 +133,7 @@ def test_every_refusal_says_why_in_one_log_line_and_the_next_request_runs(
         client.predict(input_image="/etc/passwd", prompt="x", api_name="/generate")
     not_uploaded = queue_call(server, [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "x", "",
                                        1, 1, 6, 4, 1, 10, 0, 6, "magcache", 0.1, 3, 0.2, "library", False, 16,
-                                       "magnitude", None])
+                                       "magnitude", None, None])     # ..., resample, target_speedup, session
     assert not_uploaded["success"] is False
     assert "/etc/passwd" in not_uploaded["output"]["error"] and "not uploaded" in not_uploaded["output"]["error"]
 
