@@ -84,6 +84,7 @@ def test_the_dropdown_shows_short_labels(tmp_path: pathlib.Path) -> None:
     assert labels[old] == "FramePack · 128 px · 8 steps · 11-30 08:05"
     assert labels["no_resolution.json"] == "FramePack · 30 steps · 01-02 03:04"
     assert "f1.json" not in labels
+    assert labels["library"] == "Ratio library · FramePack" and catalog.value_for(labels["library"]) == "library"
     assert max(len(label) for value, label in labels.items() if value != "library") <= 45
     # made for this job (128 px, 8 steps): listed first and marked
     first_label, first_value = catalog.choices(8, 128)[0]

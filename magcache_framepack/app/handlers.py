@@ -153,7 +153,10 @@ class ProfileCatalog:
         return first + [(self._library_label(), LIBRARY)] + rest
 
     def _library_label(self) -> str:
-        return f"Ratio library ({self.variant}: the table for each job's resolution and steps)"
+        """Short, like the profiles' labels: the dropdown's info line says what the library is."""
+        from magcache_framepack.models import get_variant
+
+        return f"Ratio library · {get_variant(self.variant).title}"
 
     @staticmethod
     def _labels(usable: Sequence[tuple[pathlib.Path, magcache_core.MagCacheProfile]]) -> dict[pathlib.Path, str]:
