@@ -168,7 +168,6 @@ def vae_encode(image: torch.Tensor, vae: Any, seed: int) -> torch.Tensor:
     return sample * vae.config.scaling_factor
 
 
-#: The image files a job reads (what Pillow decodes), for error messages.
 @dataclasses.dataclass(frozen=True)
 class InputFile:
     """A job's input image as a PNG in the outputs folder, named by its pixels: one file per distinct image.
@@ -200,6 +199,7 @@ def input_file(outputs_dir: str | os.PathLike, image: np.ndarray) -> InputFile:
     return InputFile(pathlib.Path(outputs_dir) / f"input-{digest}.png", buffer.getvalue())
 
 
+#: The image files a job reads (what Pillow decodes), for error messages.
 IMAGE_FORMATS = "PNG, JPEG, WebP, BMP, TIFF or GIF"
 
 
