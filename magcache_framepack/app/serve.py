@@ -89,8 +89,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def sweep_folder(folder: str | os.PathLike[str], older_than: float) -> int:
-    """Delete the files under ``folder`` last changed over ``older_than`` seconds ago, and the folders
-    that leaves empty; returns the bytes freed.  A file that goes away meanwhile is skipped."""
+    """Delete the files under ``folder`` put there over ``older_than`` seconds ago, and the folders that
+    leaves empty; returns the bytes freed.  A file that goes away meanwhile is skipped.
+
+    Age is the inode's change time, as Gradio's own cleaning judges it: Gradio copies a file into its
+    cache keeping the original's modification time, and touches a copy it hands out again.
+    """
     root = pathlib.Path(folder)
     cutoff = time.time() - older_than
     freed = 0
@@ -99,7 +103,7 @@ def sweep_folder(folder: str | os.PathLike[str], older_than: float) -> int:
             if path.is_dir():
                 if path != root and not any(path.iterdir()):
                     path.rmdir()
-            elif path.lstat().st_mtime < cutoff:
+            elif path.lstat().st_ctime < cutoff:
                 size = path.lstat().st_size
                 path.unlink()
                 freed += size
