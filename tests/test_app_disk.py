@@ -219,3 +219,16 @@ def test_sweep_folder_deletes_only_old_files(tmp_path: pathlib.Path) -> None:
         os.utime(path, (1, 1))         # an old modification time (a copy keeps its original's): not its age
     assert sweep_folder(tmp_path, older_than=1.0) == 10
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["b", os.path.join("b", "new.webp")]
+
+
+def test_the_app_gets_a_cache_folder_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """main() sweeps by age only a Gradio cache folder it made for itself, never one the user named."""
+    from magcache_framepack.app.serve import own_gradio_cache
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    assert own_gradio_cache() is None and os.environ["GRADIO_TEMP_DIR"] == str(tmp_path)
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
+    folder = own_gradio_cache()
+    assert folder is not None and os.environ["GRADIO_TEMP_DIR"] == folder
+    assert pathlib.Path(folder).is_dir() and not any(pathlib.Path(folder).iterdir())
+    os.rmdir(folder)
