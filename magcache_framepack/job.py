@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
+import io
 import logging
 import os
 import pathlib
@@ -32,9 +34,11 @@ import torch
 
 import magcache_core
 
-from magcache_framepack.records import FORMAT, VERSION, dumps, image_record, package_versions, write_sidecar
+from magcache_framepack.records import (FORMAT, VERSION, dumps, file_sha256, image_record, package_versions,
+                                        publish_new, write_once, write_sidecar)
 from magcache_framepack.models import Models, Variant, framepack_modules, get_variant
-from magcache_framepack.settings import FPS, FRAMEPACK_RESOLUTION, JobSettings, bucket_resolution, section_count
+from magcache_framepack.settings import (FPS, FRAMEPACK_RESOLUTION, JobSettings, bucket_resolution, profile_file_stem,
+                                         section_count)
 from magcache_framepack.video import frames_sha256, video_frames, write_mp4
 
 
@@ -171,6 +175,37 @@ def vae_encode(image: torch.Tensor, vae: Any, seed: int) -> torch.Tensor:
     posterior = vae.encode(image.to(device=vae.device, dtype=vae.dtype)).latent_dist
     sample = posterior.sample(generator=torch.Generator("cpu").manual_seed(seed))
     return sample * vae.config.scaling_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """A job's input image as a PNG in the outputs folder, named by its pixels: one file per distinct image.
+
+    ``input-<first 16 hex digits of the SHA-256 of the pixels>.png``: a second job on the same image
+    shares the file instead of adding a copy.  ``data`` is the PNG to write when none is there yet.
+    """
+
+    path: pathlib.Path
+    data: bytes
+
+    def write(self) -> None:
+        write_once(self.path, self.data)
+
+    def record(self) -> dict[str, str]:
+        """The entry the video's record names it by (the file already there, if an earlier job wrote it)."""
+        sha = file_sha256(self.path) if self.path.is_file() else hashlib.sha256(self.data).hexdigest()
+        return {"name": self.path.name, "path": str(self.path.resolve()), "sha256": sha}
+
+
+def input_file(outputs_dir: str | os.PathLike, image: np.ndarray) -> InputFile:
+    """Where ``image`` (HxWx3 uint8) is kept in ``outputs_dir``, and its PNG (nothing is written here)."""
+    from PIL import Image
+
+    pixels = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()[:16]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return InputFile(pathlib.Path(outputs_dir) / f"input-{digest}.png", buffer.getvalue())
 
 
 #: The image files a job reads (what Pillow decodes), for error messages.
@@ -536,6 +571,7 @@ class _JobRun:
         self.image_path = image_path
         self.image_info = image_info
         self.image: dict[str, str] | None = None        # the input image as the record names it
+        self.input_file: InputFile | None = None         # the input kept in the outputs folder, if the job keeps it
         self.record: dict[str, Any] | None = None
         self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self.started = time.perf_counter()
@@ -690,16 +726,13 @@ class _JobRun:
         assert self.frame_size is not None
         width, height = self.frame_size
         image_np = fp.utils.resize_and_center_crop(image, target_width=width, target_height=height)
-        from PIL import Image
-        Image.fromarray(image_np).save(self.outputs_dir / f"{self.job_id}.png")
         if self.image_info is not None:      # the job read a copy (a Ray worker's): name the original
             self.image = dict(self.image_info)
         elif self.image_path is not None:
             self.image = image_record(self.image_path)
-        else:   # keep the exact input, so the record can make the video again
-            own = self.outputs_dir / f"{self.job_id}_input.png"
-            Image.fromarray(image).save(own)
-            self.image = image_record(own)
+        else:   # keep the exact input, so the record can make the video again: written with the first video
+            self.input_file = input_file(self.outputs_dir, image)
+            self.image = self.input_file.record()
         image_pt = (torch.from_numpy(image_np).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
 
         self.progress("VAE encoding ...")
@@ -782,6 +815,8 @@ class _JobRun:
                                skipped_steps=skipped, seconds=time.perf_counter() - started, video_path=path,
                                frames=int(pixels.shape[2]), sampling_seconds=sampling_seconds)
         video = video_frames(pixels)
+        if self.input_file is not None:      # the input goes with the first video, so a job stopped
+            self.input_file.write()          # before it leaves nothing behind
         record = self.video_record(self.sections + [report], frames_sha256(video))
         write_mp4(video, path, fps=FPS, crf=s.crf, comment=dumps(record))
         write_sidecar(path, record)
@@ -829,9 +864,10 @@ class _JobRun:
         assert self.frame_size is not None
         resolution = round(magcache_core.frame_resolution(self.frame_size[1], self.frame_size[0]))
         profile = state.calibration_profile(self.models.variant.name, resolution, model=self.models.model_id)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = f"magcache_{self.models.variant.name}_{s.steps}steps_{resolution}px_{stamp}_{self.job_id}.json"
-        path = profile.save(self.profiles_dir / name)
+        stem = profile_file_stem(self.models.variant.name, resolution, s.steps, datetime.datetime.now())
+        staged = profile.save(self.profiles_dir / f".{stem}.{self.job_id}.staged")
+        path = publish_new(staged, self.profiles_dir / f"{stem}.json")
+        logger.info("Calibration profile: %s", path)
         return profile, str(path)
 
     def _log_total(self, result: JobResult) -> None:
@@ -868,7 +904,9 @@ def run_job(models: Models, input_image: np.ndarray, settings: JobSettings,
     Beside every MP4 goes a JSON record of how it was made (the same JSON is
     the MP4's ``comment`` tag; see :mod:`.records`).  ``image_path``
     names the file ``input_image`` was read from, for that record; without
-    it the input is saved as ``<job id>_input.png`` and that file is named.
+    it the input is kept in ``outputs_dir`` as ``input-<pixels' hash>.png``
+    (one file per distinct image, see :class:`InputFile`), written with the
+    first video, so a job stopped before one leaves nothing behind.
     ``image_info`` (``image_record`` of the original) is
     what the record names instead, when the file read is a copy elsewhere
     (a Ray worker's), so the record is the one a local run would write.

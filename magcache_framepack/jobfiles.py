@@ -191,7 +191,7 @@ def check_values(values: dict[str, Any], cuda_available: bool) -> None:
     for key in SETTING_KEYS:
         limit = LIMITS.get(key)
         if limit is not None and not limit.accepts(values[key]):
-            raise JobError(f"{FLAG[key]} {limit.describe()}, got {values[key]!r}")
+            raise JobError(f"{FLAG[key]} {limit.refusal(values[key])}")
     if values["calibrate"] and values["cache"] != "magcache":
         raise JobError(f"--calibrate measures with MagCache: it needs --cache magcache (not {values['cache']})")
     output = values["output"]

@@ -97,6 +97,36 @@ def write_atomic(path: PathLike, data: bytes) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def write_once(path: PathLike, data: bytes) -> pathlib.Path:
+    """``data`` at ``path`` unless a file is already there: for files named by their content, which a
+    second job with the same content then shares instead of copying."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        write_atomic(path, data)
+    return path
+
+
+def publish_new(staged: PathLike, target: PathLike) -> pathlib.Path:
+    """Give the finished file ``staged`` the name ``target``, or ``<stem>-2<suffix>``, ``-3`` ... when that
+    is taken, and return the name it got; ``staged`` is gone afterwards.
+
+    A file is never replaced: a hard link claims a free name atomically, so two jobs that finish in
+    the same minute both keep their file (a check, then a rename, could let one overwrite the other).
+    """
+    staged, target = pathlib.Path(staged), pathlib.Path(target)
+    candidate, n = target, 1
+    try:
+        while True:
+            try:
+                os.link(staged, candidate)
+                return candidate
+            except FileExistsError:
+                n += 1
+                candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 def write_sidecar(video: PathLike, record: Mapping[str, Any]) -> pathlib.Path:
     """Write the record beside ``video``; a temporary name, then a rename, so no reader sees half a file."""
     return write_atomic(sidecar_path(video), (dumps(record) + "\n").encode("utf-8"))

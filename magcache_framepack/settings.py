@@ -11,6 +11,7 @@ are restated here because the engine imports torch; a test checks they agree.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import numbers
 import os
@@ -53,10 +54,11 @@ def is_real(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Limit:
-    """The accepted range of one numeric job setting.
+    """The accepted range of one job setting: a number's value, or a text's length in characters.
 
-    Defined once here and read by the UI (slider bounds), the API (clamping)
-    and the CLI (refusal with this text), so the three can never disagree.
+    Defined once here and read by the UI (slider bounds, a text box's maximum
+    length), the API (clamping numbers, refusing long texts) and the CLI
+    (refusal with this text), so the three can never disagree.
     """
 
     low: float
@@ -69,10 +71,13 @@ class Limit:
     #: another video, not a nearby one)
     movable: bool = True
     optional: bool = False       # None is accepted too (the setting is not asked for)
+    text: bool = False           # the range is of a string's length (never clamped: cutting text changes it)
 
     def accepts(self, value: Any) -> bool:
         if value is None and self.optional:
             return True
+        if self.text:
+            return isinstance(value, str) and self.low <= len(value) <= self.high
         ok = is_int(value) if self.integer else is_real(value)
         return ok and self.low <= value <= self.high
 
@@ -82,13 +87,32 @@ class Limit:
         return min(max(value, self.low), self.high)
 
     def describe(self) -> str:
+        if self.text:
+            return f"must be a text of at most {int(self.high)} characters" + (f" ({self.hint})" if self.hint else "")
         kind = "an integer" if self.integer else "a number"
         low, high = (f"{int(self.low)}", f"{int(self.high)}") if self.integer else (f"{self.low:g}", f"{self.high:g}")
         return f"must be {kind} from {low} to {high}" + (f" ({self.hint})" if self.hint else "")
 
+    def refusal(self, value: Any) -> str:
+        """One line on a refused ``value``: what is accepted, and what came (a text by its length only,
+        so a megabyte prompt does not fill the log)."""
+        got = f"{len(value)} characters" if self.text and isinstance(value, str) else repr(value)
+        return f"{self.describe()}, got {got}"
 
-#: Every numeric job setting's range: the one definition the apps, the API and the CLI use.
+
+#: The longest prompt (and negative prompt) a job takes, in characters.  FramePack's LLaMA text
+#: encoder reads only the first 256 tokens of a prompt (CLIP's pooled branch 77), and English text
+#: averages about 4 characters a token, so some 1,000 characters already fill what is read.  4,000
+#: leaves four times that, for long words, other scripts and punctuation, and still keeps a record (and
+#: the MP4's comment tag, which holds the prompt) small where an unchecked prompt could be megabytes.
+PROMPT_LIMIT = Limit(0, 4000, text=True, hint="FramePack reads the first 256 tokens, about 1,000 characters")
+
+
+#: Every numeric job setting's range and the prompts' length: the one definition the apps, the API and
+#: the CLI use.
 LIMITS: Mapping[str, Limit] = types.MappingProxyType({
+    "prompt": PROMPT_LIMIT,
+    "n_prompt": PROMPT_LIMIT,
     "seed": Limit(0, 2 ** 63 - 1, integer=True, movable=False),
     "seconds": Limit(1, 120, step=0.1, hint="seconds of video"),
     "latent_window_size": Limit(1, 33, integer=True, step=1, hint="FramePack uses 9"),
@@ -189,7 +213,8 @@ class JobSettings:
                 raise bad(name, "must be a string")
         for name, limit in LIMITS.items():
             if not limit.accepts(getattr(self, name)):
-                raise bad(name, limit.describe())
+                raise ValueError(f"{name}: {limit.refusal(getattr(self, name))}") if limit.text else \
+                    bad(name, limit.describe())
         if self.cache not in CACHE_MODES:
             raise bad("cache", f"must be one of {', '.join(CACHE_MODES)}")
         if self.resample not in RESAMPLE_MODES:
@@ -230,6 +255,16 @@ def unwritable_folder(folder: str | os.PathLike[str]) -> str | None:
     except OSError as exc:
         return f"no file can be written in {existing} ({exc.strerror or exc})"
     return None
+
+
+def profile_file_stem(variant: str, resolution: int, steps: int, when: datetime.datetime) -> str:
+    """The name (without ``.json``) a new calibration profile gets: ``framepack-128px-25steps-20261201-1951``.
+
+    Short and sortable: what it was made for, then when (a file of the same minute gets ``-2`` added, see
+    :func:`magcache_framepack.records.publish_new`).  The app's dropdown shows a label made from the
+    profile's contents instead, so older, longer names still load and read the same.
+    """
+    return f"{variant}-{int(resolution)}px-{int(steps)}steps-{when:%Y%m%d-%H%M}"
 
 
 def section_count(seconds: float, latent_window_size: int) -> int:

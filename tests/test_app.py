@@ -639,10 +639,13 @@ def test_tiny_job_end_to_end(servers: Any, variant: str) -> None:
     assert "Total:" in out["summary"]
     assert out["preview"] is None and out["progress"] == ""
     assert pathlib.Path(report["video"]).parent == server.outputs.resolve()
-    # the video's record names the file the user uploaded (no copy in the outputs folder)
+    # the video's record names the input kept in the outputs folder (the upload is in Gradio's cache,
+    # which is cleaned): a PNG of the uploaded pixels, its SHA-256 that of the file
     record = json.loads(pathlib.Path(report["video"]).with_suffix(".json").read_text(encoding="utf-8"))
-    assert record["image"]["name"] == server.image.name
-    assert record["image"]["sha256"] == hashlib.sha256(server.image.read_bytes()).hexdigest()
+    kept = pathlib.Path(record["image"]["path"])
+    assert kept.parent == server.outputs.resolve() and record["image"]["name"] == kept.name
+    assert record["image"]["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+    assert np.array_equal(np.asarray(Image.open(kept)), np.asarray(Image.open(server.image).convert("RGB")))
     assert record["magcache"]["computed_steps"] == report["plan"]["computed_steps"]
 
 

@@ -34,12 +34,12 @@ class _Result:
 
 def test_rerun_is_the_same_request_with_the_cache_off() -> None:
     settings = JobSettings(prompt="a cat", seed=7, steps=12, magcache_thresh=0.2, cache="magcache")
-    request = JobRequest(settings, np.zeros((4, 4, 3), np.uint8), "in.png", "library")
+    request = JobRequest(settings, np.zeros((4, 4, 3), np.uint8), "library")
     rerun, refusal = uncached_rerun((request, _Result()))
     assert refusal == ""
     assert rerun.settings.cache == "off" and not rerun.settings.calibrate
     # everything else as it was: the image, its file, the table and every other setting
-    assert rerun.image is request.image and rerun.image_path == "in.png" and rerun.profile_choice == "library"
+    assert rerun.image is request.image and rerun.profile_choice == "library"
     assert dataclasses.replace(rerun.settings, cache="magcache") == settings
     teacache = dataclasses.replace(request, settings=dataclasses.replace(settings, cache="teacache"))
     assert uncached_rerun((teacache, _Result()))[0].settings.cache == "off"
@@ -48,7 +48,7 @@ def test_rerun_is_the_same_request_with_the_cache_off() -> None:
 @pytest.mark.parametrize("change, why", [({"cache": "off"}, "run with the cache Off"),
                                          ({"calibrate": True}, "a calibration run")])
 def test_rerun_refuses_what_is_already_uncached(change: dict[str, Any], why: str) -> None:
-    request = JobRequest(JobSettings(prompt="", **change), None, "in.png", None)
+    request = JobRequest(JobSettings(prompt="", **change), None, None)
     rerun, refusal = uncached_rerun((request, _Result()))
     assert rerun is None and why in refusal and "outputs/x.mp4" in refusal
 

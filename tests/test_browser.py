@@ -60,12 +60,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     root = tmp_path_factory.mktemp("browser_app")
     models = load_models("framepack", tiny=True)
-    demo = build_ui(models, "framepack", outputs_dir=root / "outputs", profiles_dir=root / "profiles")
+    profiles = root / "magcache_profiles"         # the app's default folder, as the README's screenshot shows
+    demo = build_ui(models, "framepack", outputs_dir=root / "outputs", profiles_dir=profiles)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch(demo, server_port=port, outputs_dir=root / "outputs", prevent_thread_lock=True, quiet=True)
-    profiles = root / "profiles"
     magcache_core.MagCacheProfile(variant="f1", num_steps=25, ratios=list(magcache_core.FRAMEPACK_F1_MAG_RATIOS)
                                   ).save(profiles / "made_for_f1.json")
     image = root / "input.png"
@@ -215,7 +215,7 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
                            timeout=JOB_TIMEOUT_MS)
     page.locator("#start:not([disabled])").wait_for(timeout=JOB_TIMEOUT_MS)
     assert "Section 1/1: computed 8/8 steps, skipped 0" in page.locator("#job-summary").inner_text()
-    saved = sorted(app["profiles"].glob("magcache_framepack_*.json"))
+    saved = sorted(app["profiles"].glob("framepack-*px-8steps-*.json"))
     assert len(saved) == 1
     # the chart shows the new profile's ratios, named (the title may wrap the long file name)
     chart = re.sub(r"\s", "", page.locator("#ratios-chart").text_content() or "")
@@ -223,8 +223,11 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     profile = magcache_core.MagCacheProfile.load(saved[0])
     # Calibrate is unticked by itself, so the next Start uses the new profile instead of calibrating again
     page.locator("#calibrate input:not(:checked)").wait_for(timeout=10_000)
-    # the new profile is selected by itself, and plans the next job
-    assert saved[0].name in page.locator("#profile input").input_value()
+    # the new profile is selected by itself, by its short label, and plans the next job
+    assert page.locator("#profile input").input_value() == \
+        f"★ FramePack · {profile.resolution} px · 8 steps · {profile.created[5:10]} {profile.created[11:16]}"
+    # nothing clips: the label fits its box (an input's text overflows when scrollWidth > clientWidth)
+    assert page.locator("#profile input").evaluate("e => e.scrollWidth <= e.clientWidth")
     wait_plan(page, expected_plan_text(profile.ratios, 8, 0.3, 4, 0.2))
     assert f"Ratio table: your profile {saved[0].name}" in page.locator("#skip-plan").inner_text()
     assert saved[0].name in page.locator("#profile-status").inner_text()     # the full name, not clipped

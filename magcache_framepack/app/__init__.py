@@ -64,7 +64,8 @@ default, or the file name of a profile in the profiles folder; "published" is
 read as "library"), calibrate, mp4_crf, resample ("magnitude" | "nearest").
 Numbers are moved into ``LIMITS`` before the job runs (Gradio 6
 refuses an API value beyond a slider's range itself), and the report's
-``settings`` and ``plan`` say what ran.
+``settings`` and ``plan`` say what ran; a prompt or n_prompt longer than
+``LIMITS["prompt"]`` (4,000 characters) is refused.
 Outputs, in :data:`GENERATE_OUTPUTS` order: the final MP4 (a path with
 gradio_client 2.x, ``{"video": path, "subtitles": None}`` with 1.x), the job report (a dict, see
 :func:`~magcache_framepack.app.views.job_report`: status "done" | "stopped" |

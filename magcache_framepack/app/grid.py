@@ -39,11 +39,10 @@ class GridEvents:
     def __init__(self, events: AppEvents) -> None:
         self.events = events
 
-    def _start(self, grid: Job, image: Any, image_path: str, settings: JobSettings) -> Job:
+    def _start(self, grid: Job, image: Any, settings: JobSettings) -> Job:
         """One cell's job, on the app's runner, stopped with the grid (it shares the grid's stop flag)."""
         job = Job()
         job.stop = grid.stop
-        job.image_path = image_path
         e = self.events
         job.thread = threading.Thread(target=e.runner, name="magcache-grid-cell", daemon=True,
                                       args=(job, image, settings, e.outputs_dir, e.profiles_dir))
@@ -93,18 +92,17 @@ class GridEvents:
             yield self._views([], len(cells), "Stopped before it started (End was pressed).")
             return
         try:
-            yield from self._run(grid, cells, settings, image, str(input_image))
+            yield from self._run(grid, cells, settings, image)
         finally:
             grid.stop.set()           # the page went away, or the grid ended: no cell keeps running
             session.finish(grid, None)
 
-    def _run(self, grid: Job, cells: list[GridCell], base: JobSettings, image: Any,
-             image_path: str) -> Iterator[tuple[Any, ...]]:
+    def _run(self, grid: Job, cells: list[GridCell], base: JobSettings, image: Any) -> Iterator[tuple[Any, ...]]:
         from magcache_framepack.comparison import compare_runs
 
         started = time.perf_counter()
         yield self._views([], len(cells), "Running the uncached reference ...")
-        reference = self._reference(grid, base, image, image_path)
+        reference = self._reference(grid, base, image)
         if reference.status != "done":
             yield self._views([], len(cells), f"The uncached reference did not finish: {reference.message}")
             return
@@ -114,7 +112,7 @@ class GridEvents:
         while todo or running:
             while todo and len(running) < self.events.concurrency and not grid.stop.is_set():
                 cell = todo.pop(0)
-                running[cell] = self._start(grid, image, image_path, cell_settings(base, cell))
+                running[cell] = self._start(grid, image, cell_settings(base, cell))
             if not running:
                 break                                   # End: the cells not started are left out
             cell, result = self._wait_any(running)
@@ -130,8 +128,8 @@ class GridEvents:
                 else f"Done: {len(cells)} cells and the reference in {time.perf_counter() - started:.1f} s.")
         yield self._views(ordered, len(cells), note, self._export(ordered, reference, base))
 
-    def _reference(self, grid: Job, base: JobSettings, image: Any, image_path: str) -> Any:
-        job = self._start(grid, image, image_path, cell_settings(base, None))
+    def _reference(self, grid: Job, base: JobSettings, image: Any) -> Any:
+        job = self._start(grid, image, cell_settings(base, None))
         return self._wait_any({None: job})[1]
 
     def _export(self, rows: list[GridRow], reference: Any, base: JobSettings) -> tuple[str, str]:

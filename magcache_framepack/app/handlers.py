@@ -16,6 +16,7 @@ gradio and the job module are imported inside the functions that need them
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -46,6 +47,27 @@ Runner = Callable[["Job", Any, JobSettings, str, str], None]
 # ---------------------------------------------------------------------------
 
 _PROFILE_NAME = re.compile(r"^[\w][\w.\-]*\.json$")
+
+#: What starts the label of a profile made for the job's frames and steps (listed first; the dropdown's
+#: info line says what the mark means).
+FITS_MARK = "★ "
+
+
+def profile_label(profile: magcache_core.MagCacheProfile) -> str:
+    """A profile as the dropdown shows it: "FramePack · 128 px · 25 steps · 12-01 19:51".
+
+    Variant, frame resolution (when the profile records it), steps and when it was calibrated: what
+    tells two profiles apart, short enough for the dropdown (the file name is in the line under it).
+    """
+    from magcache_framepack.models import get_variant
+
+    try:
+        made = datetime.datetime.fromisoformat(profile.created).strftime("%m-%d %H:%M")
+    except (TypeError, ValueError):
+        made = str(profile.created)
+    parts = [get_variant(profile.variant).title,
+             *([f"{profile.resolution} px"] if profile.resolution else []), f"{profile.num_steps} steps", made]
+    return " · ".join(parts)
 
 
 class ProfileCatalog:
@@ -123,20 +145,28 @@ class ProfileCatalog:
             return prof.num_steps == steps and prof.resolution is not None and \
                 magcache_core.pick_ratio_table(self.variant, prof.resolution, prof.num_steps).resolution == near
 
-        first = [(self._label(path, prof, True), self.choice_for(path))
+        labels = self._labels(usable)
+        first = [(FITS_MARK + labels[path], self.choice_for(path))
                  for path, prof in usable if steps is not None and fits(prof)]
-        rest = [(self._label(path, prof, False), self.choice_for(path))
+        rest = [(labels[path], self.choice_for(path))
                 for path, prof in usable if not (steps is not None and fits(prof))]
         return first + [(self._library_label(), LIBRARY)] + rest
 
     def _library_label(self) -> str:
-        return f"Ratio library ({self.variant}: the table for each job's resolution and steps)"
+        """Short, like the profiles' labels: the dropdown's info line says what the library is."""
+        from magcache_framepack.models import get_variant
+
+        return f"Ratio library · {get_variant(self.variant).title}"
 
     @staticmethod
-    def _label(path: pathlib.Path, prof: magcache_core.MagCacheProfile, for_this_job: bool) -> str:
-        where = f"{prof.resolution} px, " if prof.resolution else ""
-        made = "made for this job: " if for_this_job else ""
-        return f"{path.name} ({made}{where}{prof.num_steps} steps, {prof.created})"
+    def _labels(usable: Sequence[tuple[pathlib.Path, magcache_core.MagCacheProfile]]) -> dict[pathlib.Path, str]:
+        """Each usable profile's dropdown label: :func:`profile_label`, with the file name added where two
+        would read the same (so a label still names one file; the line under the dropdown names it too)."""
+        labels = {path: profile_label(prof) for path, prof in usable}
+        counts: dict[str, int] = {}
+        for label in labels.values():
+            counts[label] = counts.get(label, 0) + 1
+        return {path: label if counts[label] == 1 else f"{label} · {path.name}" for path, label in labels.items()}
 
     def value_for(self, choice: str | None) -> str | None:
         """The dropdown value for ``choice``, which may be an entry's label instead of its value.
@@ -151,9 +181,9 @@ class ProfileCatalog:
         choice = str(choice)
         if choice == self._library_label():
             return LIBRARY
-        if choice.endswith(")") and " (" in choice:
-            for path, prof in self._scan()[0]:
-                if choice in (self._label(path, prof, True), self._label(path, prof, False)):
+        if " · " in choice:
+            for path, label in self._labels(self._scan()[0]).items():
+                if choice in (label, FITS_MARK + label):
                     return self.choice_for(path)
         return choice
 
@@ -193,6 +223,15 @@ class ProfileCatalog:
             raise ValueError(f"{path.name}: {exc}") from None
         return profile
 
+
+
+def profile_status_update(note: str, left_out: str) -> Any:
+    """The line under the profile dropdown as a component update: hidden when it has nothing to say, so
+    no empty band sits under the dropdown (Gradio draws an HTML block's frame even when it is empty)."""
+    import gradio as gr
+
+    html_text = profile_status_html(note, left_out)
+    return gr.update(value=html_text, visible=bool(html_text))
 
 
 def plan_config(catalog: ProfileCatalog, settings: JobSettings, profile_choice: str | None,
@@ -417,19 +456,16 @@ class JobRequest:
 
     settings: JobSettings
     image: Any                  # the decoded image (HxWx3 uint8) the job read
-    image_path: str             # the uploaded file it was read from (the video's record names it)
     profile_choice: str | None  # the calibration table chosen in the dropdown
 
 
 class Job:
     """One generation: its worker thread, stop flag and event queue belong to it alone.
 
-    ``image_path`` is the uploaded file the image was read from (the video's record names it);
-    ``request`` is all the job was started with.
+    ``request`` is all the job was started with (Compare and Render without cache run it again).
     """
 
     def __init__(self) -> None:
-        self.image_path: str | None = None
         self.request: JobRequest | None = None
         self.stop = threading.Event()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -532,7 +568,7 @@ def run_job_thread(job: Job, gpu_lock: threading.Lock, models: Any, image: Any, 
                 models, image, settings, outputs_dir=outputs_dir,
                 on_progress=lambda update: job.events.put(("progress", update)),
                 on_section=lambda section: job.events.put(("section", section)),
-                should_stop=job.stop.is_set, profiles_dir=profiles_dir, image_path=job.image_path)
+                should_stop=job.stop.is_set, profiles_dir=profiles_dir)
         finally:
             gpu_lock.release()
     except Exception as exc:  # noqa: BLE001 - a worker must report every failure, or the page waits forever
@@ -869,7 +905,7 @@ class AppEvents:
         value, note, _, warning = profile_selection(self.catalog, choice)
         if warning:
             logger.info("%s", warning)     # shown once, in the status line under the dropdown
-        return (value, profile_status_html(note, self.catalog.left_out()),
+        return (value, profile_status_update(note, self.catalog.left_out()),
                 self.chart_for(value, steps_value, mode, resolution))
 
     def frame_resolution_of(self, path: Any) -> float | None:
@@ -888,7 +924,7 @@ class AppEvents:
 
         note = profile_selection(self.catalog, self.initial_profile)[1]
         return (gr.update(choices=self.catalog.choices(self.defaults.steps)),
-                profile_status_html(note, self.catalog.left_out()))
+                profile_status_update(note, self.catalog.left_out()))
 
     # -- Start, the job, End -------------------------------------------------------------------------
     @staticmethod
@@ -955,7 +991,7 @@ class AppEvents:
             logger.info("job values moved into range: %s", ", ".join(
                 f"{name} {change['given']!r} -> {change['used']!r}" for name, change in moved.items()))
         for outputs in self.stream_job(session if session is not None else SessionJobs(), settings,
-                                       image, str(input_image), mag_ratios):
+                                       image, mag_ratios):
             video, report, *rest = outputs
             yield (video, with_moves(report, moved), *rest)
 
@@ -994,9 +1030,13 @@ class AppEvents:
         return {"skipped": skipped, "ratio_source": table_source(self.catalog, profile_choice, config),
                 "computed_steps": [t for t, s in enumerate(skipped) if not s]}
 
-    def stream_job(self, sess: SessionJobs, settings: JobSettings, image: Any, image_path: str,
+    def stream_job(self, sess: SessionJobs, settings: JobSettings, image: Any,
                    profile_choice: str | None) -> Iterator[tuple[Any, ...]]:
-        """Run the job in its thread and yield the page's outputs as its events arrive, then its end."""
+        """Run the job in its thread and yield the page's outputs as its events arrive, then its end.
+
+        The job keeps its input in the outputs folder (once per distinct image): the upload lives in
+        Gradio's cache, which is cleaned as the app runs, so the video's record names the kept copy.
+        """
         import gradio as gr
 
         from magcache_framepack.job import find_bucket
@@ -1015,8 +1055,7 @@ class AppEvents:
             message = "Stopped before it started (End was pressed)."
             yield None, report_now("stopped", message), summary_markdown([f"stopped: {message}"]), None, ""
             return
-        job.image_path = image_path
-        job.request = JobRequest(settings, image, image_path, profile_choice)
+        job.request = JobRequest(settings, image, profile_choice)
         job.thread = threading.Thread(target=self.runner, name="magcache-job", daemon=True,
                                       args=(job, image, settings, self.outputs_dir, self.profiles_dir))
         job.thread.start()
@@ -1069,11 +1108,11 @@ class AppEvents:
             chart = calibration_chart(self.variant, list(result.calibration.ratios) if result.calibration else [],
                                       value)
             calibrate = gr.update(value=False)
-        # the line under the dropdown names the selected profile in full (the dropdown may clip it)
+        # the line under the dropdown names the selected profile's file (the dropdown shows its label)
         value, note, _, _ = profile_selection(self.catalog, value)
         choices = self.catalog.choices(self.steps_of(steps_value), self.resolution_of(resolution))
         return (gr.update(interactive=True), gr.update(interactive=False), gr.update(choices=choices, value=value),
-                chart, gr.update(visible=False), profile_status_html(note, self.catalog.left_out()), calibrate)
+                chart, gr.update(visible=False), profile_status_update(note, self.catalog.left_out()), calibrate)
 
     @staticmethod
     def stop(sess: SessionJobs) -> None:

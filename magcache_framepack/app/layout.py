@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import magcache_core
 
-from magcache_framepack.app.handlers import (CLAMPED_NAMES, AppEvents, Runner, SessionJobs, checked_image,
-                                             generate_endpoint, profile_selection, ratios_chart_html,
-                                             raw_when_refused, refusals_in_one_line)
+from magcache_framepack.app.handlers import (CLAMPED_NAMES, FITS_MARK, AppEvents, Runner, SessionJobs,
+                                             checked_image, generate_endpoint, profile_selection,
+                                             ratios_chart_html, raw_when_refused, refusals_in_one_line)
 from magcache_framepack.app.grid import GridEvents, grid_endpoint
 from magcache_framepack.app.rerun import RerunEvents
 from magcache_framepack.app.views import (CACHE_CHOICES, CUSTOM_PRESET, HELP, QUICK_PROMPTS, preset_values,
@@ -32,6 +32,13 @@ from magcache_framepack.settings import LIMITS
 
 if TYPE_CHECKING:  # imported for annotations only; see the package docstring
     import gradio as gr
+
+#: Gradio's ``delete_cache`` for the app, (every, older than) in seconds: each hour the files Gradio made
+#: (uploads, previews, copies of videos it served) that are over 6 hours old are deleted, so its cache
+#: holds about 6 hours of jobs however long the app runs (without it, about 9 files a job pile up until
+#: the app stops).  A page left open longer than that shows its old video no more; the videos, their
+#: records and the inputs stay in the outputs folder.
+DELETE_CACHE = (3600, 6 * 3600)
 
 #: Keyword arguments that keep a UI-only event out of the client API (Gradio 5 and 6).
 HIDDEN_API: dict[str, Any] = {"api_name": False}
@@ -46,7 +53,8 @@ def bounds(name: str) -> dict[str, Any]:
 def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] = "outputs",
              profiles_dir: str | os.PathLike[str] = "magcache_profiles",
              mag_ratios: str | os.PathLike[str] | None = None, tiny: bool | None = None,
-             runner: Runner | None = None) -> gr.Blocks:
+             runner: Runner | None = None,
+             delete_cache: tuple[int, int] | None = DELETE_CACHE) -> gr.Blocks:
     """Build the app for loaded ``models``; the caller launches it (see :func:`~magcache_framepack.app.launch`).
 
     ``mag_ratios`` preselects a saved profile (ValueError if it is refused).
@@ -54,7 +62,8 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     thread with :func:`~magcache_framepack.app.handlers.run_job_thread`'s
     contract; None runs it on ``models`` in this process (one job at a time),
     :class:`magcache_framepack.runners.ray.AppRunner` on Ray workers
-    (``runner.concurrency`` jobs at once).
+    (``runner.concurrency`` jobs at once).  ``delete_cache``: how often Gradio cleans its cache and
+    of what age (:data:`DELETE_CACHE`; the soak test makes it seconds).
     """
     import gradio as gr
 
@@ -64,7 +73,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
     tiny = bool(getattr(models, "tiny", False)) if tiny is None else tiny
     events = AppEvents.create(models, variant, outputs_dir=outputs_dir, profiles_dir=profiles_dir,
                               mag_ratios=mag_ratios, tiny=tiny, runner=runner)
-    with gr.Blocks(title=f"{spec.title} + MagCache", analytics_enabled=False) as demo:
+    with gr.Blocks(title=f"{spec.title} + MagCache", analytics_enabled=False, delete_cache=delete_cache) as demo:
         page = types.SimpleNamespace(session=gr.State(SessionJobs()))
         gr.Markdown(f"# {spec.title} with MagCache")
         if tiny:
@@ -113,7 +122,7 @@ def inputs_and_buttons(page: types.SimpleNamespace) -> None:
                                               label="Image", height=320, elem_id="input-image"))
     # (height + width) / 2 of the frames the uploaded image will get: picks the library's table
     page.frame_resolution = gr.Number(value=None, visible=False, elem_id="frame-resolution")
-    page.prompt = gr.Textbox(label="Prompt", value="", elem_id="prompt")
+    page.prompt = gr.Textbox(label="Prompt", value="", elem_id="prompt", max_length=int(LIMITS["prompt"].high))
     page.quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick List",
                             samples_per_page=1000, components=[page.prompt])
     with gr.Row():
@@ -157,10 +166,12 @@ def magcache_controls(page: types.SimpleNamespace, events: AppEvents) -> None:
     page.profile = gr.Dropdown(choices=catalog.choices(defaults.steps), value=events.initial_profile,
                                label="Calibration table (magnitude ratios)", allow_custom_value=True,
                                info="The ratio library (a calibrated table for the job's resolution "
-                                    "and steps), or a profile saved by a calibration run.",
+                                    "and steps), or a profile saved by a calibration run "
+                                    f"({FITS_MARK.strip()}: made for this job's resolution and steps).",
                                elem_id="profile")
     initial_note = profile_selection(catalog, events.initial_profile)[1]      # names a preselected profile in full
-    page.profile_status = gr.HTML(profile_status_html(initial_note, catalog.left_out()), elem_id="profile-status")
+    status = profile_status_html(initial_note, catalog.left_out())
+    page.profile_status = gr.HTML(status, visible=bool(status), elem_id="profile-status")
     page.calibrate = gr.Checkbox(value=False, label="Calibrate (measure this model's ratios)",
                                  info="Runs every step (nothing skipped), then saves the averaged "
                                       "ratios as a profile you can select above.",
@@ -171,7 +182,8 @@ def settings_controls(page: types.SimpleNamespace, defaults: Any) -> None:
     """FramePack's own settings (seed, length, steps, CFG, memory, MP4), and the resampling choice."""
     import gradio as gr
 
-    page.n_prompt = gr.Textbox(label="Negative Prompt", value=defaults.n_prompt, visible=False)
+    page.n_prompt = gr.Textbox(label="Negative Prompt", value=defaults.n_prompt, visible=False,
+                               max_length=int(LIMITS["n_prompt"].high))
     page.seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed")
     page.seconds = gr.Slider(label="Total Video Length (Seconds)", value=defaults.seconds, elem_id="total-length",
                              **bounds("seconds"))

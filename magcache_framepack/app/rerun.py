@@ -69,8 +69,7 @@ class RerunEvents:
         if request is None:
             yield self._refused(refusal, None)
             return
-        yield from self.events.stream_job(session, request.settings, request.image, request.image_path,
-                                          request.profile_choice)
+        yield from self.events.stream_job(session, request.settings, request.image, request.profile_choice)
 
     def compare(self, session: SessionJobs) -> Iterator[tuple[Any, ...]]:
         """Rerun the last job without the cache, then both videos side by side, their distance and times.
@@ -90,8 +89,7 @@ class RerunEvents:
             return
         cached = last[1]
         shown: tuple[Any, ...] = ()
-        for shown in self.events.stream_job(session, request.settings, request.image, request.image_path,
-                                            request.profile_choice):
+        for shown in self.events.stream_job(session, request.settings, request.image, request.profile_choice):
             yield (*shown, *unchanged)
         uncached = session.last_done[1] if session.last_done else None
         if uncached is None or uncached is cached or not uncached.video_path:

@@ -9,16 +9,21 @@ starts the Ray pool) and serves the page that
 from __future__ import annotations
 
 import argparse
+import atexit
 import ipaddress
 import logging
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from magcache_framepack.app.handlers import ProfileCatalog
-from magcache_framepack.app.layout import build_ui
+from magcache_framepack.app.layout import DELETE_CACHE, build_ui
 from magcache_framepack.settings import unwritable_folder
 
 if TYPE_CHECKING:  # imported for annotations only; see the package docstring
@@ -85,15 +90,89 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def sweep_folder(folder: str | os.PathLike[str], older_than: float) -> int:
+    """Delete the files under ``folder`` put there over ``older_than`` seconds ago, and the folders that
+    leaves empty; returns the bytes freed.  A file that goes away meanwhile is skipped.
+
+    Age is the inode's change time, as Gradio's own cleaning judges it: Gradio copies a file into its
+    cache keeping the original's modification time, and touches a copy it hands out again.
+    """
+    root = pathlib.Path(folder)
+    cutoff = time.time() - older_than
+    freed = 0
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):    # files before folders
+        try:
+            if path.is_dir():
+                if path != root and not any(path.iterdir()):
+                    path.rmdir()
+            elif path.lstat().st_ctime < cutoff:
+                size = path.lstat().st_size
+                path.unlink()
+                freed += size
+        except OSError:
+            continue
+    return freed
+
+
+def own_gradio_cache() -> str | None:
+    """Give this process a Gradio cache folder of its own (unless GRADIO_TEMP_DIR names one), removed at exit.
+
+    The app's cache can then be swept by age as a whole (:func:`start_cache_sweeper`): Blocks'
+    ``delete_cache`` deletes only the files Gradio tracks, and it does not track those of a component
+    that a session updated (a preview shown, a video kept, in both Gradio 5 and 6), so those would pile
+    up.  Returns the folder, or None when the user chose one (which may hold other apps' files).
+    """
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return None
+    folder = tempfile.mkdtemp(prefix="magcache-gradio-")
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def start_cache_sweeper(demo: gr.Blocks, folder: str | os.PathLike[str],
+                        every_and_age: tuple[float, float]) -> threading.Thread:
+    """Every ``every`` seconds, delete what in ``folder`` is over ``age`` seconds old, until ``demo`` closes.
+
+    ``folder`` must belong to this app alone (see :func:`own_gradio_cache`): files are judged by age only.
+    """
+    every, age = every_and_age
+
+    def sweep() -> None:
+        seen_running = False
+        while True:
+            time.sleep(every)
+            running = bool(getattr(demo, "is_running", False))
+            if seen_running and not running:
+                return                      # the server was closed
+            seen_running = seen_running or running
+            freed = sweep_folder(folder, age)
+            if freed:
+                logger.debug("Gradio cache: %d bytes of files over %g s old deleted", freed, age)
+
+    thread = threading.Thread(target=sweep, name="gradio-cache-sweeper", daemon=True)
+    thread.start()
+    return thread
+
+
 def launch(demo: gr.Blocks, *, server_name: str = "127.0.0.1", server_port: int | None = None,
            share: bool = False, inbrowser: bool = False, outputs_dir: str | os.PathLike[str] = "outputs",
-           prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
-    """Start the server (shared by main() and the tests); only ``outputs_dir`` is served as files."""
+           prevent_thread_lock: bool = False, quiet: bool = False,
+           sweep_cache: tuple[float, float] | None = None) -> Any:
+    """Start the server (shared by main() and the tests); only ``outputs_dir`` is served as files.
+
+    ``sweep_cache`` (every, age) in seconds: also sweep Gradio's cache folder by age
+    (:func:`start_cache_sweeper`); only for a folder this app owns (:func:`own_gradio_cache`).
+    """
     if share or not _is_loopback(server_name):
         logger.warning("The app is reachable beyond this machine (%s): anyone who can open it can run jobs "
                        "on this GPU and read every video (and input image) in the outputs folder.",
                        "public share link" if share else f"listening on {server_name}")
     os.makedirs(outputs_dir, exist_ok=True)
+    if sweep_cache is not None:
+        from gradio.utils import get_upload_folder
+
+        start_cache_sweeper(demo, get_upload_folder(), sweep_cache)
     return demo.launch(server_name=server_name, server_port=server_port, share=share, inbrowser=inbrowser,
                        allowed_paths=[str(pathlib.Path(outputs_dir).resolve())],
                        prevent_thread_lock=prevent_thread_lock, quiet=quiet, ssr_mode=False)
@@ -108,6 +187,7 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
         if problem is not None:
             parser.error(f"{flag} {folder}: cannot write there: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    own_cache = own_gradio_cache()        # before gradio names its cache folder
     # Like FramePack: models download next to the app unless the user chose a Hugging Face home.
     os.environ.setdefault("HF_HOME", str(default_hf_home()))
 
@@ -138,7 +218,7 @@ def main(variant: str, argv: Sequence[str] | None = None) -> None:
     demo = build_ui(models, variant, outputs_dir=args.outputs, profiles_dir=args.profiles,
                     mag_ratios=args.mag_ratios, tiny=args.tiny, runner=runner)
     launch(demo, server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
-           outputs_dir=args.outputs)
+           outputs_dir=args.outputs, sweep_cache=DELETE_CACHE if own_cache else None)
 
 
 def _ray_runner(parser: argparse.ArgumentParser, args: argparse.Namespace, variant: str) -> Any:

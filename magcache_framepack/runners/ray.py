@@ -51,7 +51,7 @@ try:
 except ImportError:       # optional dependency: require_ray() says how to install it
     ray = None
 
-from magcache_framepack.records import image_record, sidecar_path, write_atomic
+from magcache_framepack.records import image_record, publish_new, sidecar_path, write_atomic
 
 
 
@@ -525,8 +525,7 @@ class Batch:
             write_result_files(out["files"], video_name, target)
             outcome.video = str(target)
             if out["profile"] is not None:
-                name, data = out["profile"]
-                write_atomic(pathlib.Path(job.values["profiles_dir"]) / name, data)
+                save_profile(pathlib.Path(job.values["profiles_dir"]), *out["profile"])
         elif result.status == "stopped":
             outcome.message += " Nothing was written (a stopped job runs again with --resume)."
         outcome.wall_seconds = time.perf_counter() - job.submitted
@@ -637,25 +636,21 @@ class AppRunner:
 
     def _run(self, slot: Slot, job: Any, image: Any, settings: Any, outputs: pathlib.Path,
              profiles: pathlib.Path) -> tuple[Any, Slot]:
-        from magcache_framepack.job import JobResult, prepare_input_image
-        from PIL import Image
+        from magcache_framepack.job import JobResult, input_file, prepare_input_image
 
-        # the input as a file on the app's disk: the record names it, as an in-process job's record does
-        outputs.mkdir(parents=True, exist_ok=True)
+        # the input kept in the app's outputs folder, once per distinct image and only with a video (as an
+        # in-process job keeps it): the record names that file, the worker gets its bytes
         try:
-            image = prepare_input_image(image)
+            kept = input_file(outputs, prepare_input_image(image))
         except ValueError as exc:
             return JobResult(status="error", message=str(exc)), slot
-        image_file = outputs / f"{time.strftime('%y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}_input.png"
-        Image.fromarray(image).save(image_file)
         values = dataclasses.asdict(settings)
-        values.update(image=str(image_file), variant=self.variant, tiny=self.tiny)
         losses: list[str] = []
         while True:
-            task = make_task(values, stream=True)
+            task = self._task(kept, values)
             started = time.perf_counter()
             try:
-                out = self._attempt(slot, job, task, outputs)
+                out = self._attempt(slot, job, task, outputs, kept)
                 result = out["result"]
                 if not (result.status == "error" and result.message.startswith(OOM_MESSAGE)):
                     break
@@ -679,17 +674,29 @@ class AppRunner:
         for section in result.sections:
             section.video_path = str(outputs / pathlib.Path(section.video_path).name)
         if out["files"]:
+            kept.write()
             result.video_path = str(_write_files(out["files"], outputs))
         elif result.video_path:
             result.video_path = str(outputs / pathlib.Path(result.video_path).name)
         if out["profile"] is not None:
-            name, data = out["profile"]
-            result.profile_path = str(write_atomic(profiles / name, data))
+            result.profile_path = str(save_profile(profiles, *out["profile"]))
         return result, slot
 
+    def _task(self, kept: Any, values: dict[str, Any]) -> dict[str, Any]:
+        """One try's task: the settings, and the kept input image's bytes (the record names the kept file)."""
+        with tempfile.TemporaryDirectory() as staging:
+            image_file = pathlib.Path(staging) / kept.path.name
+            image_file.write_bytes(kept.data)
+            task = make_task({**values, "image": str(image_file), "variant": self.variant, "tiny": self.tiny},
+                             stream=True)
+        task["image_info"] = kept.record()
+        return task
+
     @staticmethod
-    def _attempt(slot: Slot, job: Any, task: dict[str, Any], outputs: pathlib.Path) -> dict[str, Any]:
+    def _attempt(slot: Slot, job: Any, task: dict[str, Any], outputs: pathlib.Path, kept: Any) -> dict[str, Any]:
         """Run ``task`` on ``slot``'s worker, forwarding its events to the page; what the worker returned.
+
+        ``kept`` (the input image kept in ``outputs``) is written with the first video that arrives.
 
         Raises what ``ray.get`` raises: a lost worker (WORKER_LOST) or the job's own error (RayTaskError).
         """
@@ -700,6 +707,7 @@ class AppRunner:
             for event in events:
                 if event[0] == "section":
                     _, report, files = event
+                    kept.write()
                     report.video_path = str(_write_files(files, outputs))
                     job.events.put(("section", report))
                 else:
@@ -718,6 +726,13 @@ def lost_message(losses: Sequence[str], max_retries: int) -> str:
     """Why a job failed when its worker was lost on every try (as the CLI's line says it)."""
     return (f"Failed {len(losses)} time(s), its Ray worker lost each time (--max-retries {max_retries}); "
             f"last: {losses[-1]}. The worker has been replaced: press Start to try again.")
+
+
+def save_profile(folder: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
+    """A profile a worker made, saved in ``folder`` under its name, or with ``-2`` ... added when another
+    job's profile of the same minute has it (workers name them apart from each other)."""
+    staged = write_atomic(folder / f".{name}.{uuid.uuid4().hex}.staged", data)
+    return publish_new(staged, folder / name)
 
 
 def _write_files(files: dict[str, bytes], folder: pathlib.Path) -> pathlib.Path:
