@@ -27,7 +27,7 @@ ARGS = dict(prompt="", n_prompt="", seed=1, total_second_length=1, latent_window
 
 @pytest.mark.parametrize("cache, calibrate, target, kept", [
     ("magcache", False, 2, 2), ("magcache", False, "2.5", 2.5), ("magcache", False, None, None),
-    ("magcache", False, "", None), ("off", False, 2, None), ("teacache", False, 2, None), ("magcache", True, 2, None)])
+    ("magcache", False, "", None), ("magcache", False, 0, None), ("off", False, 2, None), ("teacache", False, 2, None), ("magcache", True, 2, None)])
 def test_a_target_applies_to_magcache_jobs_only(cache: str, calibrate: bool, target: Any, kept: Any) -> None:
     settings = typed_settings(**{**ARGS, "cache": cache, "calibrate": calibrate}, target_speedup=target)
     assert settings.target_speedup == kept

@@ -61,7 +61,7 @@ def test_compare_render_and_grid_in_chromium(browser: Any, app: dict[str, Any], 
     page.locator("#start").click()
     page.get_by_text(re.compile(r"^done: ")).wait_for(timeout=JOB_TIMEOUT_MS)
     cached = finished_job(page, before, outputs)
-    assert cached["settings"]["cache"] == "magcache" and cached["magcache"]["plan"].count("skip") > 0
+    assert cached["settings"]["cache"] == "magcache" and cached["magcache"]["plan"].count("skip") > 0, (cached["settings"], cached["magcache"])
 
     # Compare: the same job with the cache Off, both videos side by side, the figures and both charts
     before = set(outputs.glob("*.json"))

@@ -686,6 +686,11 @@ class JobStream:
         return latest, bar
 
 
+#: What the target speedup box holds when no target is asked for: empty (None, "") or 0 (what an
+#: empty number box sends from a browser).
+NO_TARGET = (None, "", 0)
+
+
 def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: Any, latent_window_size: Any,
                    steps: Any, cfg: Any, gs: Any, rs: Any, gpu_memory_preservation: Any, cache: Any,
                    magcache_thresh: Any, magcache_K: Any, retention_ratio: Any, calibrate: Any, mp4_crf: Any,
@@ -697,8 +702,8 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
     that is not true or false, raises ValueError (TypeError) naming the input and what it accepts.
     The page and the /generate endpoint keep FramePack's names for two inputs,
     ``total_second_length`` and ``mp4_crf``, so API clients keep working; this is
-    the one place they become JobSettings' ``seconds`` and ``crf``.  ``target_speedup`` (empty:
-    none) plans the threshold, K and retention of a MagCache job; with another cache, or a
+    the one place they become JobSettings' ``seconds`` and ``crf``.  ``target_speedup`` (empty or
+    0: none) plans the threshold, K and retention of a MagCache job; with another cache, or a
     calibration, it does not apply and is dropped (the page's plan panel says which plan runs).
     """
     if not isinstance(calibrate, bool):
@@ -708,7 +713,7 @@ def typed_settings(prompt: Any, n_prompt: Any, seed: Any, total_second_length: A
             "magcache_thresh": magcache_thresh, "magcache_K": magcache_K, "retention_ratio": retention_ratio,
             "mp4_crf": mp4_crf}
     numbers = {setting_name(shown): typed_number(setting_name(shown), value, shown) for shown, value in sent.items()}
-    if target_speedup not in (None, "") and str(cache) == "magcache" and not calibrate:
+    if target_speedup not in NO_TARGET and str(cache) == "magcache" and not calibrate:
         numbers["target_speedup"] = typed_number("target_speedup", target_speedup, "target_speedup")
     return JobSettings(prompt=str(prompt or ""), n_prompt=str(n_prompt or ""), cache=str(cache),
                        mag_ratios=str(profile_path) if profile_path else None, calibrate=calibrate,
@@ -849,12 +854,12 @@ class AppEvents:
 
     @staticmethod
     def target_of(value: Any) -> float | None:
-        """The target speedup box as a job runs it: None when empty or not a number, else clamped to its limits."""
+        """The target speedup box as a job runs it: None when empty, 0 or not a number, else clamped to its limits."""
         try:
             value = float(value)
         except (TypeError, ValueError):
             return None
-        return float(LIMITS["target_speedup"].clamp(value)) if math.isfinite(value) else None
+        return float(LIMITS["target_speedup"].clamp(value)) if math.isfinite(value) and value != 0 else None
 
     def apply_target(self, target: Any, steps: Any, profile: str | None, resample: str,
                      resolution: Any) -> tuple[Any, Any, Any, Any]:

@@ -157,7 +157,7 @@ def magcache_controls(page: types.SimpleNamespace, events: AppEvents) -> None:
                                      elem_id="retention", **bounds("retention_ratio"))
     page.target_speedup = gr.Number(
         label="Target speedup (optional)", value=None, elem_id="target-speedup",
-        info="Empty: the threshold, K and retention above decide. A number such as 2: the planner picks the "
+        info="Empty or 0: the threshold, K and retention above decide. A number such as 2: the planner picks the "
              "setting that computes at most steps / 2 steps with the least planned error, and sets them above.")
     page.plan_view = gr.HTML(
         events.plan("magcache", defaults.steps, d_thresh, d_k, d_retention, events.initial_profile, False,
