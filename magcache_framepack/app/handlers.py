@@ -523,14 +523,16 @@ def page_update_wait(now: float, last_shown: float | None, urgent: bool,
                      interval: float = PAGE_UPDATE_SECONDS) -> float:
     """Seconds until a running job's page may get its newest state (0.0: now).
 
-    Why: each update the job's generator yields costs the server tens of
-    milliseconds of CPU beside the sampler (Gradio rebuilds a component and its
-    config for every ``gr.update``, encodes the preview to an image file and
-    sends the report), which on a 2-core machine made every step of a tiny job
-    about 30 ms dearer in the app than in the CLI when the page got every step.
-    A person takes in a few updates a second, so the page gets the newest state
-    at most once per ``interval`` seconds: its first update and urgent ones (a
-    new section's video, waiting for the GPU) at once, the rest coalesced.
+    Why: each update the job's generator yields is work for the server beside
+    the sampler, on the same cores: Gradio rebuilds the components given a
+    ``gr.update``, encodes the preview to an image file, serializes the report
+    and streams it all (about 10 to 15 ms of CPU per update on a 2-core VM, and
+    the sampler's threads wait for the cores and the GIL meanwhile).  One update
+    per step made a tiny job's steps about 30 ms dearer in the app than in the
+    CLI.  A person takes in a few updates a second, so the page gets the newest
+    state at most once per ``interval`` seconds: its first update and urgent
+    ones (a new section's video, waiting for the GPU) at once, the rest
+    coalesced, none lost (the newest waits until it is due).
     """
     if urgent or last_shown is None:
         return 0.0
@@ -863,16 +865,13 @@ class AppEvents:
         try:
             yield (gr.update(), report_now("running", "Starting ..."), "", gr.update(),
                    progress_html(0, "Starting ..."))
-            shown_at, preview_visible = time.perf_counter(), False
+            shown_at = time.perf_counter()
             while stream.result is None:
                 wait = page_update_wait(time.perf_counter(), shown_at, stream.urgent) if stream.unshown else 1.0
                 if wait > 0:
                     stream.take(take_events(job.events, timeout=wait))
                     continue
-                preview = gr.update()
-                if stream.preview is not None:    # made visible once; later previews are plain values
-                    preview = stream.preview if preview_visible else gr.update(visible=True, value=stream.preview)
-                    preview_visible = True
+                preview = gr.update() if stream.preview is None else gr.update(visible=True, value=stream.preview)
                 yield (stream.video if stream.video else gr.update(), report_now("running", "Running ..."),
                        summary_markdown(["Running ...", *stream.lines]), preview,
                        stream.bar if stream.bar else gr.update())
