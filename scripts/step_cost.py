@@ -4,14 +4,18 @@ The app runs as a user starts it (``magcache_demo_gradio.py --tiny``, its own
 process, on 127.0.0.1), driven by gradio_client from this process, which also
 runs the CLI's job function (:func:`magcache_framepack.runners.local.run_one`,
 progress bars and all) on tiny models of its own.  The two are interleaved, run
-for run, so load from elsewhere on the machine falls on both alike.  Each run's time is the job's own sampling time
-(``sampling_seconds`` of its section, in the JSON record beside its video).  The cache settings vary the computed steps from 25 (cache off) down
-to what MagCache's rule allows at the tiny frame size.  One JSON line per run
-goes to stdout::
+for run, so load from elsewhere on the machine falls on both alike.  Each run's
+time is the job's own sampling time (``sampling_seconds`` of its section, in
+the JSON record beside its video).  The cache settings vary the computed steps
+from 25 (cache off) down to the fewest MagCache's rule computes on the tiny
+frames.  One JSON line per run goes to stdout::
 
     .venv/bin/python scripts/step_cost.py --repeats 3 > runs.jsonl
 
-Run it with ``PYTHONPATH`` at another checkout to time that code the same way.
+With ``PYTHONPATH`` at another checkout it times that checkout's code (app and
+CLI alike), so two versions can be run back to back, in turns, on one machine.
+On a machine other work keeps busy, ``OMP_NUM_THREADS=1`` keeps torch's threads
+from waiting on each other's core, which would swamp what is measured.
 """
 
 from __future__ import annotations
