@@ -645,8 +645,37 @@ def take_events(events: queue.Queue[tuple[str, Any]], timeout: float = 1.0) -> l
             return batch
 
 
+#: The least time between two updates of a running job's page (preview, progress bar, report): 4 a second.
+PAGE_UPDATE_SECONDS = 0.25
+
+
+def page_update_wait(now: float, last_shown: float | None, urgent: bool,
+                     interval: float = PAGE_UPDATE_SECONDS) -> float:
+    """Seconds until a running job's page may get its newest state (0.0: now).
+
+    Why: each update the job's generator yields is work for the server beside
+    the sampler, on the same cores: Gradio rebuilds the components given a
+    ``gr.update``, encodes the preview to an image file, serializes the report
+    and streams it all (about 10 to 15 ms of CPU per update on a 2-core VM, and
+    the sampler's threads wait for the cores and the GIL meanwhile).  One update
+    per step made a tiny job's steps about 30 ms dearer in the app than in the
+    CLI.  A person takes in a few updates a second, so the page gets the newest
+    state at most once per ``interval`` seconds: its first update and urgent
+    ones (a new section's video, waiting for the GPU) at once, the rest
+    coalesced, none lost (the newest waits until it is due).
+    """
+    if urgent or last_shown is None:
+        return 0.0
+    return max(0.0, last_shown + interval - now)
+
+
 class JobStream:
-    """What the page knows of one running job: its sections, summary lines, newest video and final result."""
+    """What the page knows of one running job: its sections, summary lines, newest video and final result.
+
+    Events are applied as they come; what the page has not been shown yet (the
+    newest preview and progress bar, and whether something urgent came) waits in
+    ``preview``, ``bar`` and ``urgent`` until :meth:`shown`.
+    """
 
     def __init__(self, clock: StepClock) -> None:
         self.clock = clock
@@ -654,13 +683,18 @@ class JobStream:
         self.lines: list[str] = []
         self.video: str | None = None
         self.result: Any | None = None
+        self.preview: Any | None = None      # the newest preview not yet shown
+        self.bar: str | None = None          # the newest progress bar not yet shown
+        self.urgent = False                  # a new video or a wait for the GPU: show it now
+        self.unshown = False                 # something came since the page was last updated
 
-    def take(self, events: list[tuple[str, Any]]) -> tuple[Any | None, str | None]:
-        """Apply a batch of events: (the newest progress update or None, the progress bar HTML or None)."""
-        latest = bar = None
+    def take(self, events: list[tuple[str, Any]]) -> None:
+        """Apply a batch of events; the newest preview and progress bar wait for the page."""
+        latest = None
         for kind, payload in events:
             if kind == "waiting":
-                bar = progress_html(0, "Waiting for the GPU: another job is running ...")
+                self.bar = progress_html(0, "Waiting for the GPU: another job is running ...")
+                self.urgent = True
             elif kind == "progress":
                 latest = payload
                 if payload.step >= 1:
@@ -670,6 +704,7 @@ class JobStream:
                 self.sections.append(payload)
                 self.video = payload.video_path or self.video
                 self.lines.append(payload.summary())
+                self.urgent = True
             elif kind == "done":
                 self.result = payload
             elif kind == "retry":       # the job runs again from its start (a lost Ray worker): say so
@@ -682,8 +717,15 @@ class JobStream:
             label = latest.desc
             if latest.step >= 1:
                 label += f" ({self.clock.label(latest, time.perf_counter())})"
-            bar = progress_html(latest.percent, label)
-        return latest, bar
+            self.bar = progress_html(latest.percent, label)
+            if latest.preview is not None:
+                self.preview = latest.preview
+        self.unshown = self.unshown or bool(events)
+
+    def shown(self) -> None:
+        """The page was just given the newest state: nothing waits for it now."""
+        self.preview = self.bar = None
+        self.urgent = self.unshown = False
 
 
 #: What the target speedup box holds when no target is asked for: empty (None, "") or 0 (what an
@@ -1067,18 +1109,18 @@ class AppEvents:
         try:
             yield (gr.update(), report_now("running", "Starting ..."), "", gr.update(),
                    progress_html(0, "Starting ..."))
+            shown_at = time.perf_counter()
             while stream.result is None:
-                events = take_events(job.events)
-                if not events:
+                wait = page_update_wait(time.perf_counter(), shown_at, stream.urgent) if stream.unshown else 1.0
+                if wait > 0:
+                    stream.take(take_events(job.events, timeout=wait))
                     continue
-                latest, bar = stream.take(events)
-                if stream.result is not None:
-                    break
-                shown = gr.update()
-                if latest is not None and latest.preview is not None:
-                    shown = gr.update(visible=True, value=latest.preview)
+                preview = gr.update() if stream.preview is None else gr.update(visible=True, value=stream.preview)
                 yield (stream.video if stream.video else gr.update(), report_now("running", "Running ..."),
-                       summary_markdown(["Running ...", *stream.lines]), shown, bar if bar else gr.update())
+                       summary_markdown(["Running ...", *stream.lines]), preview,
+                       stream.bar if stream.bar else gr.update())
+                stream.shown()
+                shown_at = time.perf_counter()
         finally:
             if job.thread.is_alive():   # the page went away mid-job: free the GPU for others
                 job.stop.set()
