@@ -154,10 +154,11 @@ def test_a_retry_event_starts_the_page_over_and_says_why() -> None:
                                    summary=lambda: "Section 1/2: computed 4/4 steps")
     stream.take([("section", lost_section)])
     assert stream.sections and stream.video == "lost.mp4"
-    _, bar = stream.take([("retry", "The Ray worker running this job was lost (X); running it again")])
+    stream.shown()
+    stream.take([("retry", "The Ray worker running this job was lost (X); running it again")])
     assert stream.sections == [] and stream.video is None
     assert stream.lines == ["The Ray worker running this job was lost (X); running it again"]
-    assert "running it again" in bar
+    assert "running it again" in stream.bar and stream.urgent       # shown at once, not at the next tick
 
 
 def test_the_apps_max_retries_reach_its_ray_pool(fake_main: dict[str, Any], monkeypatch: pytest.MonkeyPatch,

@@ -712,7 +712,8 @@ class JobStream:
                 self.lines = [payload]
                 self.video = None
                 self.clock.last = None
-                bar = progress_html(0, payload)
+                self.bar = progress_html(0, payload)
+                self.urgent = True
         if latest is not None:
             label = latest.desc
             if latest.step >= 1:
