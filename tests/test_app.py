@@ -346,8 +346,10 @@ def test_imports_have_no_side_effects() -> None:
     UI, so "gradio was not imported" proves no Blocks and no server could exist;
     nor huggingface_hub, which reads HF_HOME once, at import, before main() sets it.
     """
-    app_modules = ("magcache_framepack.app", "magcache_framepack.app.views", "magcache_framepack.app.handlers",
-                   "magcache_framepack.app.layout", "magcache_framepack.app.serve")
+    app_modules = ("magcache_framepack.app", "magcache_framepack.app.views", "magcache_framepack.app.profiles",
+                   "magcache_framepack.app.requests", "magcache_framepack.app.jobs", "magcache_framepack.app.handlers",
+                   "magcache_framepack.app.rerun", "magcache_framepack.app.grid", "magcache_framepack.app.layout",
+                   "magcache_framepack.app.serve")
     code = textwrap.dedent(f"""
         import importlib, json, os, sys, threading
         sys.argv = ["demo", "--not-an-option"]      # argparse would exit if anything parsed argv

@@ -18,13 +18,13 @@ import pytest
 
 import test_app
 from magcache_framepack.app import GENERATE_OUTPUTS, main
-from magcache_framepack.app.handlers import JobStream, StepClock
+from magcache_framepack.app.jobs import JobStream, StepClock
 from magcache_framepack.app.serve import build_parser
 from test_app import ONE_SECTION, Server, wait_for
 
 fake_main = test_app.fake_main          # the fixture: main() with loading, building and serving recorded
 
-LOGGER = "magcache_framepack.app.handlers"
+LOGGER = "magcache_framepack.app"          # the app's loggers: handlers (a job refused) and requests (Gradio's refusals)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The server's log lines for refused requests (the app's own words for them)."""
     return [r.getMessage() for r in caplog.records
-            if r.name == LOGGER and r.getMessage().startswith(("Cannot start:", "Refused a request"))]
+            if r.name.startswith(LOGGER) and r.getMessage().startswith(("Cannot start:", "Refused a request"))]
 
 
 def queue_call(server: Server, data: list[Any]) -> dict[str, Any]:

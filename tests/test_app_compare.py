@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from magcache_framepack.app.handlers import JobRequest
+from magcache_framepack.app.jobs import JobRequest
 from magcache_framepack.app.rerun import COMPARE_OUTPUTS, uncached_rerun
 from magcache_framepack.app.views import GENERATE_OUTPUTS
 from magcache_framepack.records import decode_frames

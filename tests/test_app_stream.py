@@ -20,11 +20,8 @@ import pytest
 from PIL import Image
 
 from magcache_framepack.app import SessionJobs
-from magcache_framepack.app.handlers import (
-    AppEvents,
-    generate_endpoint,
-    page_update_wait,
-)
+from magcache_framepack.app.jobs import page_update_wait
+from magcache_framepack.app.handlers import AppEvents, generate_endpoint
 
 STEPS = 25
 #: The page's update rate the app promises: at most 4 a second, plus urgent ones (a new section's video).

@@ -16,7 +16,7 @@ import pytest
 
 import magcache_core
 from conftest import library_plan_ratios
-from magcache_framepack.app.handlers import typed_settings
+from magcache_framepack.app.requests import typed_settings
 from magcache_framepack.app.views import tradeoff_chart
 from test_app import ONE_SECTION, Server
 

@@ -13,7 +13,7 @@ import pytest
 
 import magcache_core
 from magcache_framepack.app import ProfileCatalog, build_ui
-from magcache_framepack.app.handlers import FITS_MARK, profile_status_update
+from magcache_framepack.app.profiles import FITS_MARK, profile_status_update
 from magcache_framepack.records import publish_new
 from magcache_framepack.settings import JobSettings, profile_file_stem
 

@@ -12,14 +12,20 @@ Inside the app, imports only go down (``tests/test_layout.py`` checks it):
 1. :mod:`~magcache_framepack.app.views`: what the page shows, as pure functions
    of their inputs (presets, the plan strip, charts, reports, ETA); no gradio,
    no threads, no state.
-2. :mod:`~magcache_framepack.app.handlers`: what happens on an event: the
-   profile catalog, the plan panel, jobs and sessions, the runner seam and the
-   handlers of one app (:class:`~magcache_framepack.app.handlers.AppEvents`).
-3. :mod:`~magcache_framepack.app.rerun`: the last finished job again with the
-   cache Off: Compare with no cache, and Render without cache.
-4. :mod:`~magcache_framepack.app.layout`: the Blocks page (:func:`build_ui`),
+2. :mod:`~magcache_framepack.app.profiles`: the calibration tables one app
+   offers, and the plan panel and ratio chart computed from them.
+3. :mod:`~magcache_framepack.app.requests`: what a client sent, made into a
+   job's values (typed, moved into range) or refused in one line.
+4. :mod:`~magcache_framepack.app.jobs`: jobs and sessions, the runner seam, and
+   what a running job's page shows when.
+5. :mod:`~magcache_framepack.app.handlers`: the handlers of one app
+   (:class:`~magcache_framepack.app.handlers.AppEvents`).
+6. :mod:`~magcache_framepack.app.rerun` and :mod:`~magcache_framepack.app.grid`:
+   the last finished job again with the cache Off (Compare, Render without
+   cache), and the cache's settings grid.
+7. :mod:`~magcache_framepack.app.layout`: the Blocks page (:func:`build_ui`),
    which places the components and wires them to the handlers.
-5. :mod:`~magcache_framepack.app.serve`: the command line, :func:`launch` and
+8. :mod:`~magcache_framepack.app.serve`: the command line, :func:`launch` and
    :func:`main`.
 
 This module is only the face: it names what other code imports.
@@ -76,8 +82,9 @@ unreadable image file, bad settings, refused profile, CUDA out of memory) does
 not raise: its report says "error" and why.
 """
 
-from magcache_framepack.app.handlers import (Job, ProfileCatalog, SessionJobs, StepClock, image_frame_resolution,
-                                             plan_panel_html, profile_selection, run_job_thread)
+from magcache_framepack.app.profiles import ProfileCatalog, plan_panel_html, profile_selection
+from magcache_framepack.app.requests import image_frame_resolution
+from magcache_framepack.app.jobs import Job, SessionJobs, StepClock, run_job_thread
 from magcache_framepack.app.layout import build_ui
 from magcache_framepack.app.serve import APP_DIR, build_parser, launch, main, main_f1, main_framepack
 from magcache_framepack.app.views import (CUSTOM_PRESET, GENERATE_OUTPUTS, LIBRARY, QUICK_PROMPTS, eta_seconds,

@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from magcache_framepack.app.handlers import AppEvents, Job, SessionJobs, into_range, take_events, typed_settings
+from magcache_framepack.app.requests import into_range, typed_settings
+from magcache_framepack.app.jobs import Job, SessionJobs, take_events
+from magcache_framepack.app.handlers import AppEvents
 from magcache_framepack.app.views import grid_scatter, grid_status, grid_table
 from magcache_framepack.grid import (GridCell, GridRow, cell_settings, failed_row, grid_cells, parse_values,
                                      rows_csv, rows_json, scored_row)

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import magcache_core
 
-from magcache_framepack.app.handlers import (CLAMPED_NAMES, FITS_MARK, AppEvents, Runner, SessionJobs,
-                                             checked_image, generate_endpoint, profile_selection,
-                                             ratios_chart_html, raw_when_refused, refusals_in_one_line)
+from magcache_framepack.app.profiles import FITS_MARK, profile_selection, ratios_chart_html
+from magcache_framepack.app.requests import CLAMPED_NAMES, checked_image, raw_when_refused, refusals_in_one_line
+from magcache_framepack.app.jobs import Runner, SessionJobs
+from magcache_framepack.app.handlers import AppEvents, generate_endpoint
 from magcache_framepack.app.grid import GridEvents, grid_endpoint
 from magcache_framepack.app.rerun import RerunEvents
 from magcache_framepack.app.views import (CACHE_CHOICES, CUSTOM_PRESET, HELP, QUICK_PROMPTS, preset_values,
@@ -59,7 +60,7 @@ def build_ui(models: Any, variant: str, *, outputs_dir: str | os.PathLike[str] =
 
     ``mag_ratios`` preselects a saved profile (ValueError if it is refused).
     ``runner(job, image, settings, outputs_dir, profiles_dir)`` runs a job in its
-    thread with :func:`~magcache_framepack.app.handlers.run_job_thread`'s
+    thread with :func:`~magcache_framepack.app.jobs.run_job_thread`'s
     contract; None runs it on ``models`` in this process (one job at a time),
     :class:`magcache_framepack.runners.ray.AppRunner` on Ray workers
     (``runner.concurrency`` jobs at once).  ``delete_cache``: how often Gradio cleans its cache and

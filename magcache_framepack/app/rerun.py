@@ -19,7 +19,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from magcache_framepack.app.handlers import AppEvents, JobRequest, SessionJobs
+from magcache_framepack.app.jobs import JobRequest, SessionJobs
+from magcache_framepack.app.handlers import AppEvents
 from magcache_framepack.app.views import comparison_charts, comparison_markdown, job_report, summary_markdown
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from magcache_framepack.app.handlers import ProfileCatalog
+from magcache_framepack.app.profiles import ProfileCatalog
 from magcache_framepack.app.layout import DELETE_CACHE, build_ui
 from magcache_framepack.settings import unwritable_folder
 
