@@ -281,16 +281,20 @@ def grid_tab(page: types.SimpleNamespace) -> None:
 
 def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> None:
     """UI-only events (not in the client API): quick prompts, the live plan, presets, profiles and chart."""
+    import gradio as gr
+
     p = page
     p.quick.click(lambda sample: sample[0], inputs=[p.quick], outputs=p.prompt, show_progress="hidden",
                   queue=False, **HIDDEN_API)
 
     plan_inputs = [p.cache, p.steps, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.profile, p.calibrate,
                    p.cfg, p.resample, p.frame_resolution, p.target_speedup]
-    for control in plan_inputs:
-        # raw values (preprocess=False): a number typed beyond a slider's range plans as it will run
-        control.change(events.plan, inputs=plan_inputs, outputs=p.plan_view, show_progress="hidden", queue=False,
-                       trigger_mode="always_last", preprocess=False, **HIDDEN_API)
+    # one listener for every input of the plan, so "always_last" orders them all: when a job's end changes
+    # two at once (the new profile, Calibrate unticked), the plan last drawn is computed from both, never
+    # an earlier answer that arrived late; raw values (preprocess=False): a number typed beyond a slider's
+    # range plans as it will run
+    gr.on([control.change for control in plan_inputs], events.plan, inputs=plan_inputs, outputs=p.plan_view,
+          show_progress="hidden", queue=False, trigger_mode="always_last", preprocess=False, **HIDDEN_API)
 
     knobs = [p.magcache_thresh, p.magcache_K, p.retention_ratio]
     p.preset.input(events.apply_preset, inputs=p.preset, outputs=knobs, show_progress="hidden", queue=False,
@@ -302,11 +306,9 @@ def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> N
     # a target speedup sets the three knobs (again when the table it plans on changes); setting a knob
     # or a preset by hand clears the target
     target_inputs = [p.target_speedup, p.steps, p.profile, p.resample, p.frame_resolution]
-    p.target_speedup.input(events.apply_target, inputs=target_inputs, outputs=[*knobs, p.preset], preprocess=False,
-                           show_progress="hidden", queue=False, **HIDDEN_API)
-    for control in (p.steps, p.profile, p.resample, p.frame_resolution):
-        control.change(events.apply_target, inputs=target_inputs, outputs=[*knobs, p.preset], preprocess=False,
-                       show_progress="hidden", queue=False, trigger_mode="always_last", **HIDDEN_API)
+    gr.on([p.target_speedup.input, *(control.change for control in target_inputs[1:])], events.apply_target,
+          inputs=target_inputs, outputs=[*knobs, p.preset], preprocess=False, show_progress="hidden", queue=False,
+          trigger_mode="always_last", **HIDDEN_API)
     for control in (*knobs, p.preset):
         control.input(lambda: None, outputs=p.target_speedup, show_progress="hidden", queue=False, **HIDDEN_API)
 
