@@ -9,6 +9,7 @@ plan, so the page shows the plan that runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import logging
 import os
@@ -285,13 +286,20 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
             + tradeoff_html(config, target_speedup))
 
 
+@functools.lru_cache(maxsize=32)
+def tradeoff_curve_of(ratios: tuple[float, ...], steps: int, resample: str) -> list[tuple[float, float]]:
+    """The planner's trade-off curve of one table: a function of the table alone, so it is computed once
+    per table (searching the 1,280 candidates takes some 30 ms; the plan panel redraws on every slider move)."""
+    return magcache_core.tradeoff_curve(magcache_core.plan_candidates(list(ratios), steps, resample))
+
+
 def tradeoff_html(config: magcache_core.MagCacheConfig, target_speedup: float | None) -> str:
     """The planner's trade-off on this config's table (speedup against planned error), this plan marked."""
-    candidates = magcache_core.plan_candidates(config.mag_ratios, config.num_steps, config.resample)
+    curve = tradeoff_curve_of(tuple(config.mag_ratios), config.num_steps, config.resample)
     current = (config.num_steps / max(1, config.schedule().count(False)),
                magcache_core.planned_error(config.mag_ratios, config.num_steps, config.magcache_thresh,
                                            config.magcache_K, config.retention_ratio, config.resample))
-    return tradeoff_chart(magcache_core.tradeoff_curve(candidates), current, target_speedup)
+    return tradeoff_chart(curve, current, target_speedup)
 
 
 def ratios_chart_html(catalog: ProfileCatalog, profile_choice: str | None, steps: int = 25,
