@@ -240,8 +240,6 @@ class AppEvents:
             calibrate: Any, mp4_crf: Any, resample: Any, target_speedup: Any,
             session: SessionJobs | None) -> Iterator[tuple[Any, ...]]:
         """The /generate endpoint's body: check the inputs, then stream the job (a refused one says why)."""
-        import gradio as gr
-
         settings = None
         moved: dict[str, dict[str, Any]] = {}
         try:
@@ -252,12 +250,8 @@ class AppEvents:
                 resample, profile_path, target_speedup))
             image = self.checked_image(input_image, settings, mag_ratios)
         except (TypeError, ValueError, OverflowError) as exc:
-            message = f"Cannot start: {exc}"
-            logger.info("%s", message)
-            gr.Warning(message)
-            yield (None, with_moves(job_report(None, [], status="error", message=message, settings=settings,
-                                               variant=self.variant, profile_choice=mag_ratios), moved),
-                   summary_markdown([f"error: {message}"]), None, "")
+            video, report, *rest = self.refused(f"Cannot start: {exc}", settings, mag_ratios)
+            yield (video, with_moves(report, moved), *rest)
             return
         if moved:
             logger.info("job values moved into range: %s", ", ".join(
@@ -266,6 +260,18 @@ class AppEvents:
                                        image, mag_ratios):
             video, report, *rest = outputs
             yield (video, with_moves(report, moved), *rest)
+
+    def refused(self, message: str, settings: JobSettings | None = None,
+                profile_choice: str | None = None) -> tuple[Any, ...]:
+        """A job refused before it ran: one log line, a warning on the page, and the five /generate outputs
+        with an "error" report that says why (the shape every job button's endpoint returns)."""
+        import gradio as gr
+
+        logger.info("%s", message)
+        gr.Warning(message)
+        return (None, job_report(None, [], status="error", message=message, settings=settings,
+                                 variant=self.variant, profile_choice=profile_choice),
+                summary_markdown([f"error: {message}"]), None, "")
 
     def checked_image(self, input_image: Any, settings: JobSettings, mag_ratios: str | None) -> Any:
         """The job's image, once the image, the settings and the chosen profile are known to be usable.

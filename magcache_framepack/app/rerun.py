@@ -21,7 +21,7 @@ from typing import Any
 
 from magcache_framepack.app.jobs import JobRequest, SessionJobs
 from magcache_framepack.app.handlers import AppEvents
-from magcache_framepack.app.views import comparison_charts, comparison_markdown, job_report, summary_markdown
+from magcache_framepack.app.views import comparison_charts, comparison_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +54,11 @@ class RerunEvents:
     def __init__(self, events: AppEvents) -> None:
         self.events = events
 
-    def _refused(self, message: str, request: JobRequest | None) -> tuple[Any, ...]:
-        import gradio as gr
-
-        logger.info("%s", message)
-        gr.Warning(message)
-        settings = request.settings if request is not None else None
-        return (None, job_report(None, [], status="error", message=message, settings=settings,
-                                 variant=self.events.variant, profile_choice=None),
-                summary_markdown([f"error: {message}"]), None, "")
-
     def render_without_cache(self, session: SessionJobs) -> Iterator[tuple[Any, ...]]:
         """The last finished job again with the cache Off, shown as any job is (the five /generate outputs)."""
         request, refusal = uncached_rerun(session.last_done)
         if request is None:
-            yield self._refused(refusal, None)
+            yield self.events.refused(refusal)
             return
         yield from self.events.stream_job(session, request.settings, request.image, request.profile_choice)
 
@@ -86,7 +76,7 @@ class RerunEvents:
         last = session.last_done
         request, refusal = uncached_rerun(last)
         if request is None:
-            yield (*self._refused(refusal, None), *unchanged)
+            yield (*self.events.refused(refusal), *unchanged)
             return
         cached = last[1]
         shown: tuple[Any, ...] = ()
