@@ -85,12 +85,30 @@ class Comparison:
     def sampling_speedup(self) -> float | None:
         return ratio(self.uncached.sampling_seconds, self.cached.sampling_seconds)
 
+    @property
+    def psnr_mean_finite(self) -> float:
+        """Mean PSNR over the frames that differ (identical frames are infinite); inf when none differs."""
+        finite = [v for v in self.psnr if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.inf
+
+    @property
+    def psnr_min(self) -> float | None:
+        return min(self.psnr) if self.psnr else None
+
+    @property
+    def ssim_mean(self) -> float | None:
+        return sum(self.ssim) / len(self.ssim) if self.ssim else None
+
+    @property
+    def ssim_min(self) -> float | None:
+        return min(self.ssim) if self.ssim else None
+
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON values (infinite PSNR, for identical frames, as the string "inf")."""
         def db(values: list[float]) -> list[float | str]:
             return ["inf" if math.isinf(v) else round(v, 4) for v in values]
 
-        finite = [v for v in self.psnr if math.isfinite(v)]
+        mean_finite = self.psnr_mean_finite
         return {
             "cache": self.cache,
             "cached": dataclasses.asdict(self.cached),
@@ -98,11 +116,10 @@ class Comparison:
             "speedup": {"planned": self.planned_speedup, "wall": self.wall_speedup,
                         "sampling": self.sampling_speedup},
             "frames": len(self.psnr),
-            "psnr": {"mean_finite": sum(finite) / len(finite) if finite else "inf",
-                     "min": db([min(self.psnr)])[0] if self.psnr else None,
-                     "identical_frames": len(self.psnr) - len(finite), "per_frame": db(self.psnr)},
-            "ssim": {"mean": sum(self.ssim) / len(self.ssim) if self.ssim else None,
-                     "min": min(self.ssim) if self.ssim else None, "per_frame": [round(v, 6) for v in self.ssim]},
+            "psnr": {"mean_finite": "inf" if math.isinf(mean_finite) else mean_finite,
+                     "min": db([self.psnr_min])[0] if self.psnr else None,
+                     "identical_frames": sum(math.isinf(v) for v in self.psnr), "per_frame": db(self.psnr)},
+            "ssim": {"mean": self.ssim_mean, "min": self.ssim_min, "per_frame": [round(v, 6) for v in self.ssim]},
             "lpips": None if not self.lpips else {
                 "mean": sum(self.lpips) / len(self.lpips), "max": max(self.lpips),
                 "per_frame": [round(v, 6) for v in self.lpips]},

@@ -115,17 +115,13 @@ def failed_row(cell: GridCell, status: str, message: str) -> GridRow:
 
 def scored_row(cell: GridCell, comparison: Comparison) -> GridRow:
     """A cell's row from its comparison against the uncached reference."""
-    finite = [v for v in comparison.psnr if math.isfinite(v)]
     c = comparison.cached
     return GridRow(
         cell.name, cell.thresh, cell.k, cell.retention, status="done", video=c.video, seconds=c.seconds,
         sampling_seconds=c.sampling_seconds, computed_steps=c.computed_steps, total_steps=c.total_steps,
         planned_speedup=comparison.planned_speedup, wall_speedup=comparison.wall_speedup,
-        sampling_speedup=comparison.sampling_speedup,
-        psnr_mean=sum(finite) / len(finite) if finite else math.inf,
-        psnr_min=min(comparison.psnr) if comparison.psnr else None,
-        ssim_mean=sum(comparison.ssim) / len(comparison.ssim) if comparison.ssim else None,
-        ssim_min=min(comparison.ssim) if comparison.ssim else None)
+        sampling_speedup=comparison.sampling_speedup, psnr_mean=comparison.psnr_mean_finite,
+        psnr_min=comparison.psnr_min, ssim_mean=comparison.ssim_mean, ssim_min=comparison.ssim_min)
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(GridRow))
