@@ -213,28 +213,6 @@ def resample_mag_ratios(mag_ratios: Sequence[float], num_steps: int, mode: str =
     return out
 
 
-def _plan_with_errors(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
-                      magcache_K: int, retention_ratio: float, resample: str) -> list[float | None]:
-    """Per step: None where the step is computed, else the accumulated error the skip accepts."""
-    n, thresh, k, retention = _validated_plan_settings(
-        num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
-    ratios = resample_mag_ratios(mag_ratios, n, resample)
-    first_skippable = max(int(retention * n), 1)
-    out: list[float | None] = []
-    acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
-    for t, r in enumerate(ratios):
-        skip = False
-        if t >= first_skippable:
-            acc_ratio *= r
-            acc_err += abs(1 - acc_ratio)
-            acc_steps += 1
-            skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= MAX_STEP_RATIO_DEVIATION
-        out.append(acc_err if skip else None)
-        if t >= first_skippable and not skip:
-            acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
-    return out
-
-
 def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
                   magcache_K: int, retention_ratio: float, resample: str = "magnitude") -> list[bool]:
     """Which of ``num_steps`` denoising steps MagCache skips (True = skipped).
@@ -247,25 +225,121 @@ def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
     ``magcache_thresh``, the count within ``magcache_K`` and the step's own ratio
     within 6% of 1.  A computed step resets the accumulators.
     """
-    return [e is not None for e in _plan_with_errors(mag_ratios, num_steps, magcache_thresh, magcache_K,
-                                                     retention_ratio, resample)]
+    n, thresh, k, retention = _validated_plan_settings(
+        num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
+    ratios = resample_mag_ratios(mag_ratios, n, resample)
+    first_skippable = max(int(retention * n), 1)
+    out: list[bool] = []
+    acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+    for t, r in enumerate(ratios):
+        skip = False
+        if t >= first_skippable:
+            acc_ratio *= r
+            acc_err += abs(1 - acc_ratio)
+            acc_steps += 1
+            skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= MAX_STEP_RATIO_DEVIATION
+            if not skip:
+                acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+        out.append(skip)
+    return out
+
+
+def _validated_step_table(name: str, values: Sequence[float] | None, low: float | None = None,
+                          high: float | None = None) -> tuple[float, ...] | None:
+    """A per-step table of finite numbers (or None) as floats, else ValueError saying what is accepted."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of numbers, one per step, or None")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, (bool, str, bytes)):
+                raise TypeError
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{i}] = {v!r} is not a number") from None
+        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+            span = "a finite number" if low is None else f"a number from {low:g} to {high:g}"
+            raise ValueError(f"{name}[{i}] = {v!r}: each entry must be {span}")
+        out.append(v)
+    return tuple(out)
+
+
+def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
+                  cosine_distance: Sequence[float] | None,
+                  step_weights: Sequence[float] | None) -> tuple[list[float], list[float], list[float]]:
+    """The per-step magnitude ratios, directions kept and weights that :func:`planned_error` sums over.
+
+    The cosine distances come with the ratio table (a calibration profile
+    measures both), so they are fitted to ``num_steps`` the same way: ``1 - d``
+    is the fraction of direction a step keeps, a factor like a ratio, so the
+    same resampling keeps its product over the whole run.  The step weights
+    belong to the sampler at this step count and are taken as they are.
+    """
+    table = _validated_ratios(mag_ratios)
+    ratios = resample_mag_ratios(table, num_steps, resample)
+    distances = _validated_step_table("cosine_distance", cosine_distance, 0.0, 2.0)
+    if distances is None:
+        kept = [1.0] * num_steps
+    else:
+        if len(distances) != len(table):
+            raise ValueError(f"cosine_distance has {len(distances)} entries for a table of {len(table)} ratios: "
+                             "give one per ratio (a calibration profile's cosine_distance), or None")
+        kept = resample_mag_ratios([min(1.0, max(1e-6, 1.0 - d)) for d in distances], num_steps, resample)
+    weights = _validated_step_table("step_weights", step_weights)
+    if weights is not None and len(weights) != num_steps:
+        raise ValueError(f"step_weights has {len(weights)} entries for {num_steps} steps: give one per step "
+                         "(the sampler's weights at this step count), or None to weigh every step alike")
+    return ratios, kept, list(weights) if weights is not None else [1.0] * num_steps
+
+
+def _schedule_error(skipped: Sequence[bool], ratios: Sequence[float], kept: Sequence[float],
+                    weights: Sequence[float]) -> float:
+    """:func:`planned_error` of one skip schedule, on tables already fitted to its steps."""
+    total, run, acc_ratio, acc_kept = 0.0, 0.0, 1.0, 1.0
+    for t, skip in enumerate(skipped):
+        if skip:
+            acc_ratio *= ratios[t]
+            acc_kept *= kept[t]
+            run += weights[t] * math.sqrt((1.0 - acc_ratio) ** 2 + 2.0 * acc_ratio * (1.0 - acc_kept))
+        else:
+            total += run * run
+            run, acc_ratio, acc_kept = 0.0, 1.0, 1.0
+    return math.sqrt(total + run * run)
 
 
 def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
-                  magcache_K: int, retention_ratio: float, resample: str = "magnitude") -> float:
-    """The error a plan accepts: the sum, over skipped steps, of the accumulated error at each skip.
+                  magcache_K: int, retention_ratio: float, resample: str = "magnitude", *,
+                  cosine_distance: Sequence[float] | None = None,
+                  step_weights: Sequence[float] | None = None) -> float:
+    """How far a plan is expected to move the final latent from the uncached run's: a ranking, from tables alone.
 
-    Each skip stands the last computed residual in for one that has drifted by
-    ``|1 - accumulated ratio|`` in magnitude; a later skip in the same run keeps
-    carrying the earlier drift, so a run of skips costs the sum of its
-    accumulated errors (the quantity :func:`skip_schedule` compares with the
-    threshold), and the plan the sum over its runs.  0.0 for a plan that skips
-    nothing.  It is a ranking by the table alone: how well it follows the final
-    latent's measured distance to the uncached run is checked, and on random
-    weights found wanting, in the README (the Spearman check).
+    A skipped step t adds the last computed step's residual where it would
+    have computed its own.  By the tables, that stand-in is off by
+
+        e_t = sqrt((1 - A)^2 + 2 A (1 - P))   (in units of the residual's size)
+
+    where A is the product of the magnitude ratios since the computed step and
+    P the product of ``1 - cosine_distance`` (the direction kept; P = 1 when
+    the table has no cosine distances, as the published ones do not, and then
+    e_t = |1 - A|).  Step t's error reaches the final latent scaled by
+    ``step_weights[t]``, the sampler's sensitivity to that step's output: for
+    FramePack's UniPC it varies some fifty-fold over 25 steps, so where the
+    skips fall matters as much as how many there are (None weighs every step
+    alike).  A run of skips reuses one residual, so its errors point the same
+    way and add with their weights' signs; separate runs add as independent
+    errors.  The result is sqrt(sum over runs of (sum of w_t e_t)^2); 0.0 for a
+    plan that skips nothing.
+
+    The plan itself is still MagCache's rule (:func:`skip_schedule`); this
+    only ranks plans, for :func:`plan_for_target`.  How well it ranks them
+    as the measured distance does is checked by ``magcache_bench.py plan-check``
+    (figures in the README).
     """
-    return sum(e for e in _plan_with_errors(mag_ratios, num_steps, magcache_thresh, magcache_K,
-                                            retention_ratio, resample) if e is not None)
+    n = _validated_plan_settings(num_steps, magcache_thresh, magcache_K, retention_ratio, resample)[0]
+    skipped = skip_schedule(mag_ratios, n, magcache_thresh, magcache_K, retention_ratio, resample)
+    return _schedule_error(skipped, *_fitted_tables(mag_ratios, n, resample, cosine_distance, step_weights))
 
 
 # The candidate grid that plan_for_target searches: thresholds 0.01..0.40, K 1..8, four retentions.
@@ -314,16 +388,21 @@ class TargetPlan:
 
 def plan_candidates(mag_ratios: Sequence[float], num_steps: int, resample: str = "magnitude",
                     thresholds: Sequence[float] = TARGET_THRESHOLDS, ks: Sequence[int] = TARGET_KS,
-                    retentions: Sequence[float] = TARGET_RETENTIONS) -> list[PlanCandidate]:
-    """Every setting of the grid with its planned computed steps and error (pure: the ratio table only)."""
+                    retentions: Sequence[float] = TARGET_RETENTIONS, *,
+                    cosine_distance: Sequence[float] | None = None,
+                    step_weights: Sequence[float] | None = None) -> list[PlanCandidate]:
+    """Every setting of the grid with its planned computed steps and :func:`planned_error` (pure: tables only)."""
+    tables = _fitted_tables(mag_ratios, num_steps, resample, cosine_distance, step_weights)
+    errors: dict[tuple[bool, ...], float] = {}      # settings that give one plan share its error
     out = []
     for thresh in thresholds:
         for k in ks:
             for retention in retentions:
-                errors = _plan_with_errors(mag_ratios, num_steps, thresh, k, retention, resample)
+                skipped = tuple(skip_schedule(mag_ratios, num_steps, thresh, k, retention, resample))
+                if skipped not in errors:
+                    errors[skipped] = _schedule_error(skipped, *tables)
                 out.append(PlanCandidate(float(thresh), int(k), float(retention), int(num_steps),
-                                         sum(e is None for e in errors),
-                                         sum(e for e in errors if e is not None)))
+                                         skipped.count(False), errors[skipped]))
     return out
 
 
@@ -340,13 +419,16 @@ def _choice_key(c: PlanCandidate) -> tuple[float, float, float, int, float]:
 
 def plan_for_target(mag_ratios: Sequence[float], num_steps: int, target_speedup: float,
                     resample: str = "magnitude", thresholds: Sequence[float] = TARGET_THRESHOLDS,
-                    ks: Sequence[int] = TARGET_KS, retentions: Sequence[float] = TARGET_RETENTIONS) -> TargetPlan:
+                    ks: Sequence[int] = TARGET_KS, retentions: Sequence[float] = TARGET_RETENTIONS, *,
+                    cosine_distance: Sequence[float] | None = None,
+                    step_weights: Sequence[float] | None = None) -> TargetPlan:
     """The setting that reaches ``target_speedup`` (steps / computed steps) with the least planned error.
 
     Searches the candidate grid (:func:`plan_candidates`); among the candidates
     whose speed-up is at least the target, the least :func:`planned_error` wins
     (ties: the faster, then the smallest threshold, K, retention).  Instant: the
-    plan is a pure function of the ratio table.  Raises
+    plan is a pure function of the ratio table, and its error of the tables
+    ``cosine_distance`` and ``step_weights`` (see :func:`planned_error`).  Raises
     :class:`TargetUnreachable` naming the best reachable speed-up when none
     reaches the target, and ValueError for a target that is not a number >= 1.
     """
@@ -354,7 +436,8 @@ def plan_for_target(mag_ratios: Sequence[float], num_steps: int, target_speedup:
             or not math.isfinite(target_speedup) or target_speedup < 1.0:
         raise ValueError(f"target_speedup = {target_speedup!r}: must be a number >= 1 "
                          "(steps over computed steps; 2.0 computes about half the steps)")
-    candidates = tuple(plan_candidates(mag_ratios, num_steps, resample, thresholds, ks, retentions))
+    candidates = tuple(plan_candidates(mag_ratios, num_steps, resample, thresholds, ks, retentions,
+                                       cosine_distance=cosine_distance, step_weights=step_weights))
     reaching = [c for c in candidates if c.speedup >= target_speedup]
     if not reaching:
         best = max(candidates, key=lambda c: (c.speedup, -c.planned_error))
@@ -615,6 +698,7 @@ class MagCacheConfig:
     variant: str | None = None
     model: str | None = None             # when set, a profile measured on another model is refused
     source: str | None = None            # a sentence naming where mag_ratios come from (reports, records)
+    step_weights: Sequence[float] | None = None   # the sampler's weight of each step (planned_error), or None
     profile: MagCacheProfile | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -636,6 +720,10 @@ class MagCacheConfig:
             self.profile = ratios
             ratios = ratios.ratios
         self.mag_ratios = _validated_ratios(ratios)
+        self.step_weights = _validated_step_table("step_weights", self.step_weights)
+        if self.step_weights is not None and len(self.step_weights) != self.num_steps:
+            raise ValueError(f"step_weights has {len(self.step_weights)} entries for {self.num_steps} steps: "
+                             "give the sampler's weight of each step, or None")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MagCacheConfig":
@@ -650,6 +738,19 @@ class MagCacheConfig:
             return [False] * self.num_steps
         return skip_schedule(self.mag_ratios, self.num_steps, self.magcache_thresh,
                              self.magcache_K, self.retention_ratio, self.resample)
+
+    def error_tables(self) -> dict[str, Any]:
+        """What :func:`planned_error` knows of this config beyond its ratios, as its keyword arguments:
+        the profile's cosine distances (None for a bare table) and the step weights."""
+        return {"cosine_distance": self.profile.cosine_distance if self.profile is not None else None,
+                "step_weights": self.step_weights}
+
+    def planned_error(self) -> float:
+        """:func:`planned_error` of the plan this config runs (0.0 in calibration mode: nothing is skipped)."""
+        if self.calibrate:
+            return 0.0
+        return planned_error(self.mag_ratios, self.num_steps, self.magcache_thresh, self.magcache_K,
+                             self.retention_ratio, self.resample, **self.error_tables())
 
 
 # ---------------------------------------------------------------------------

@@ -272,30 +272,38 @@ def test_profile_fields_are_checked(fields, fragment):
 
 # --- the target-speed-up planner against a brute force over its grid --------------------------------
 
-def reference_planned_error(table, n, thresh, k, retention, mode="magnitude"):
-    """The planned error restated: each skipped step adds the accumulated |1 - ratio| of its run of skips."""
+def reference_planned_error(table, n, thresh, k, retention, mode="magnitude", cosine=None, weights=None):
+    """The planned error restated: split the plan into runs of skips after each computed step; a skip at t
+    stands in the run's residual, off by sqrt((1-A)^2 + 2A(1-P)) with A and P the products of the ratios and
+    of (1 - cosine distance) over the run up to t; a run adds its weighted stand-in errors, runs add in squares."""
+    plan = reference_plan(table, n, thresh, k, retention, mode)
     r = reference_resample(table, n, mode)
-    total, ratio, err, steps = 0.0, 1.0, 0.0, 0
-    for t in range(max(int(retention * n), 1), n):
-        ratio *= float(r[t])
-        err += abs(1 - ratio)
-        steps += 1
-        if err <= thresh and steps <= k and abs(1 - float(r[t])) <= 0.06:
-            total += err
+    kept = reference_resample([1.0 - d for d in cosine], n, mode) if cosine is not None else np.ones(n)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    runs = []
+    for t, skip in enumerate(plan):
+        if skip:
+            runs[-1].append(t)
         else:
-            ratio, err, steps = 1.0, 0.0, 0
-    return total
+            runs.append([])
+    squares = []
+    for run in runs:
+        errors = [w[t] * math.sqrt((1 - np.prod(r[run[0]:t + 1])) ** 2
+                                   + 2 * np.prod(r[run[0]:t + 1]) * (1 - np.prod(kept[run[0]:t + 1])))
+                  for t in run]
+        squares.append(sum(errors) ** 2)
+    return math.sqrt(sum(squares))
 
 
-def brute_force_target(table, n, target, grid, mode="magnitude"):
+def brute_force_target(table, n, target, grid, mode="magnitude", cosine=None, weights=None):
     """Every grid setting, its speed-up and error; the best of those that reach the target, else None."""
     rows = []
     for thresh in grid[0]:
         for k in grid[1]:
             for retention in grid[2]:
                 computed = reference_plan(table, n, thresh, k, retention, mode).count(False)
-                rows.append((reference_planned_error(table, n, thresh, k, retention, mode), -(n / computed),
-                             thresh, k, retention, computed))
+                rows.append((reference_planned_error(table, n, thresh, k, retention, mode, cosine, weights),
+                             -(n / computed), thresh, k, retention, computed))
     reaching = sorted(row for row in rows if -row[1] >= target)
     return (reaching[0] if reaching else None), rows
 
@@ -303,17 +311,30 @@ def brute_force_target(table, n, target, grid, mode="magnitude"):
 DEFAULT_GRID = (mc.TARGET_THRESHOLDS, mc.TARGET_KS, mc.TARGET_RETENTIONS)
 
 
+def error_model(kind, n):
+    """No extra tables, or a calibration's cosine distances (25 entries) with step weights of mixed sign for n steps."""
+    if kind == "ratios only":
+        return None, None
+    rng = np.random.default_rng(n)
+    cosine = [0.0] + [float(x) for x in rng.uniform(0.0, 0.3, 24)]
+    weights = [float(x) for x in rng.uniform(-0.6, 0.2, n)]
+    return cosine, weights
+
+
+@pytest.mark.parametrize("kind", ["ratios only", "cosine distances and step weights"])
 @pytest.mark.parametrize("variant", sorted(TABLES))
 @pytest.mark.parametrize("n,target", [(25, 1.0), (25, 1.5), (25, 2.0), (25, 2.5), (50, 2.0), (50, 3.0), (10, 1.25)])
-def test_target_planner_equals_a_brute_force_over_its_grid(variant, n, target):
-    best, rows = brute_force_target(TABLES[variant], n, target, DEFAULT_GRID)
+def test_target_planner_equals_a_brute_force_over_its_grid(variant, n, target, kind):
+    cosine, weights = error_model(kind, n)
+    best, rows = brute_force_target(TABLES[variant], n, target, DEFAULT_GRID, cosine=cosine, weights=weights)
     assert best is not None
-    plan = mc.plan_for_target(TABLES[variant], n, target)
+    plan = mc.plan_for_target(TABLES[variant], n, target, cosine_distance=cosine, step_weights=weights)
     c = plan.chosen
     assert (c.magcache_thresh, c.magcache_K, c.retention_ratio, c.computed_steps) == best[2:]
     assert c.planned_error == pytest.approx(best[0], abs=1e-12) and c.speedup >= target
     assert c.planned_error == pytest.approx(
-        mc.planned_error(TABLES[variant], n, c.magcache_thresh, c.magcache_K, c.retention_ratio), abs=1e-12)
+        mc.planned_error(TABLES[variant], n, c.magcache_thresh, c.magcache_K, c.retention_ratio,
+                         cosine_distance=cosine, step_weights=weights), abs=1e-12)
     # the chosen setting's plan is the one the schedule runs
     assert mc.skip_schedule(TABLES[variant], n, c.magcache_thresh, c.magcache_K, c.retention_ratio).count(False) \
         == c.computed_steps
@@ -363,3 +384,52 @@ def test_planned_error_is_zero_without_skips_and_grows_with_the_threshold():
     assert mc.planned_error(mc.FRAMEPACK_MAG_RATIOS, 25, 0.0, 1, 0.99) == 0.0
     errors = [mc.planned_error(mc.FRAMEPACK_MAG_RATIOS, 25, t, 4, 0.2) for t in (0.02, 0.06, 0.1, 0.2)]
     assert errors == sorted(errors) and errors[-1] > 0
+
+
+def test_planned_error_by_hand_on_a_four_step_table():
+    table, weights = (1.0, 1.03, 0.98, 1.05), (1.0, 2.0, -1.0, 0.5)
+    # threshold 0.1, K 3: errors 0.03, 0.0394, 0.09927 stay within it, so steps 1-3 are one run of skips
+    assert mc.skip_schedule(table, 4, 0.1, 3, 0.0) == [False, True, True, True]
+    a1, a2, a3 = 1.03, 1.03 * 0.98, 1.03 * 0.98 * 1.05
+    # magnitude only: the run's stand-in errors |1 - A| add with their weights' signs
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0, step_weights=weights) == pytest.approx(
+        abs(2.0 * 0.03 - 1.0 * (a2 - 1) + 0.5 * (a3 - 1)), abs=1e-12)
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(0.03 + (a2 - 1) + (a3 - 1), abs=1e-12)
+    # a step that turns the residual by cosine distance 0.1 keeps 0.9 of its direction from there on
+    cosine = (0.0, 0.1, 0.0, 0.0)
+    e = [math.sqrt((1 - a) ** 2 + 2 * a * 0.1) for a in (a1, a2, a3)]
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0, cosine_distance=cosine, step_weights=weights) == pytest.approx(
+        abs(2.0 * e[0] - 1.0 * e[1] + 0.5 * e[2]), abs=1e-12)
+    # K 1 splits the run in three: the errors no longer share a residual, so they add in squares
+    assert mc.skip_schedule(table, 4, 0.1, 1, 0.0) == [False, True, False, True]
+    assert mc.planned_error(table, 4, 0.1, 1, 0.0, step_weights=weights) == pytest.approx(
+        math.hypot(2.0 * 0.03, 0.5 * 0.05), abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"step_weights": [1.0] * 24}, "step_weights has 24 entries for 25 steps"),
+    ({"step_weights": [1.0] * 24 + [float("nan")]}, "step_weights[24] = nan"),
+    ({"cosine_distance": [0.1] * 10}, "cosine_distance has 10 entries for a table of 25 ratios"),
+    ({"cosine_distance": [0.1] * 24 + [2.5]}, "cosine_distance[24] = 2.5: each entry must be a number from 0 to 2"),
+    ({"step_weights": "1.0"}, "step_weights must be a sequence of numbers"),
+])
+def test_bad_error_tables_say_what_is_wrong(kwargs, fragment):
+    with pytest.raises(ValueError) as err:
+        mc.planned_error(mc.FRAMEPACK_MAG_RATIOS, 25, 0.1, 3, 0.2, **kwargs)
+    assert fragment in str(err.value)
+
+
+def test_a_config_plans_its_error_with_its_profiles_cosine_distances(tmp_path):
+    cosine = [0.0] + [0.05] * 24
+    profile = mc.MagCacheProfile(variant="framepack", num_steps=25, ratios=list(mc.FRAMEPACK_MAG_RATIOS),
+                                 cosine_distance=cosine)
+    weights = [0.1] * 25
+    config = mc.MagCacheConfig(mag_ratios=profile.save(tmp_path / "p.json"), step_weights=weights)
+    assert config.planned_error() == pytest.approx(reference_planned_error(
+        mc.FRAMEPACK_MAG_RATIOS, 25, config.magcache_thresh, config.magcache_K, config.retention_ratio,
+        cosine=cosine, weights=weights), abs=1e-12) and config.planned_error() > 0
+    bare = mc.MagCacheConfig()
+    assert bare.error_tables() == {"cosine_distance": None, "step_weights": None}
+    assert mc.MagCacheConfig(calibrate=True).planned_error() == 0.0
+    with pytest.raises(ValueError, match="step_weights has 3 entries for 25 steps"):
+        mc.MagCacheConfig(step_weights=[1.0, 2.0, 3.0])
