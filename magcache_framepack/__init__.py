@@ -8,7 +8,9 @@ importing the package does no work:
 1. ``settings``: a job's settings, their limits and names (no torch).
 2. ``models``: FramePack's code, the two variants, real and tiny model loading.
 3. the job: ``video`` (the MP4 writer), ``records`` (how each video was made),
-   ``metrics`` (PSNR / SSIM / LPIPS of two videos), ``job`` (the section loop),
+   ``metrics`` (PSNR / SSIM / LPIPS of two videos), ``sensitivity`` (how much
+   each step's output weighs in FramePack's sampled latent: the target
+   planner's step weights), ``job`` (the section loop),
    ``comparison`` (a cached video against its uncached twin), ``grid`` (the
    cache's settings grid: its cells, rows and exports).
 4. ``jobfiles``: job files and the values a command line or a record gives.

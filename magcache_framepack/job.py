@@ -37,6 +37,7 @@ import magcache_core
 from magcache_framepack.records import (FORMAT, VERSION, dumps, file_sha256, image_record, package_versions,
                                         publish_new, write_once, write_sidecar)
 from magcache_framepack.models import Models, Variant, framepack_modules, get_variant
+from magcache_framepack.sensitivity import framepack_step_weights
 from magcache_framepack.settings import (FPS, FRAMEPACK_RESOLUTION, JobSettings, bucket_resolution, profile_file_stem,
                                          section_count)
 from magcache_framepack.video import frames_sha256, video_frames, write_mp4
@@ -63,22 +64,24 @@ def magcache_config(settings: JobSettings, variant: str | Variant, model: str | 
     or on another model than ``model`` (see :attr:`.models.Models.model_id`), is
     refused with a ValueError.  With ``settings.target_speedup`` the threshold, K
     and retention are the planner's choice on these ratios
-    (:func:`magcache_core.plan_for_target`); an unreachable target is a ValueError
-    naming the fastest reachable speed-up.
+    (:func:`magcache_core.plan_for_target`), ranked with FramePack's step weights
+    (:mod:`.sensitivity`) and the profile's cosine distances; an unreachable target
+    is a ValueError naming the fastest reachable speed-up.
     """
     spec = get_variant(variant)
+    resolution = frame_resolution or settings.resolution
     if settings.mag_ratios is not None:
         ratios, source = settings.mag_ratios, f"profile {pathlib.Path(settings.mag_ratios).name}"
     else:
-        ratios, source = magcache_core.library_ratios(
-            spec.name, frame_resolution or settings.resolution, settings.steps, settings.resample)
+        ratios, source = magcache_core.library_ratios(spec.name, resolution, settings.steps, settings.resample)
     config = magcache_core.MagCacheConfig(
         magcache_thresh=settings.magcache_thresh, magcache_K=settings.magcache_K,
         retention_ratio=settings.retention_ratio, num_steps=settings.steps, mag_ratios=ratios,
-        calibrate=settings.calibrate, resample=settings.resample, variant=spec.name, model=model, source=source)
+        calibrate=settings.calibrate, resample=settings.resample, variant=spec.name, model=model, source=source,
+        step_weights=framepack_step_weights(settings.steps, resolution, settings.latent_window_size))
     if settings.target_speedup is not None and not settings.calibrate:
         chosen = magcache_core.plan_for_target(config.mag_ratios, config.num_steps, settings.target_speedup,
-                                               config.resample).chosen
+                                               config.resample, **config.error_tables()).chosen
         config.magcache_thresh, config.magcache_K, config.retention_ratio = (
             chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio)
     return config
@@ -105,6 +108,7 @@ def magcache_summary(config: magcache_core.MagCacheConfig) -> dict[str, Any]:
         "ratio_source": ratio_source(config), "ratios": list(config.mag_ratios),
         "plan": ["skip" if skip else "compute" for skip in plan],
         "computed_steps": [i for i, skip in enumerate(plan) if not skip],
+        "planned_error": config.planned_error(),
     }
 
 

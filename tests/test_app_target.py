@@ -18,6 +18,7 @@ import magcache_core
 from conftest import library_plan_ratios
 from magcache_framepack.app.requests import typed_settings
 from magcache_framepack.app.views import tradeoff_chart
+from magcache_framepack.sensitivity import framepack_step_weights
 from test_app import ONE_SECTION, Server
 
 ARGS = dict(prompt="", n_prompt="", seed=1, total_second_length=1, latent_window_size=9, steps=25, cfg=1, gs=10,
@@ -60,7 +61,8 @@ def test_a_job_with_a_target_runs_the_planners_choice(server: Server) -> None:
     record = json.loads(pathlib.Path(report["video"]).with_suffix(".json").read_text(encoding="utf-8"))
     frame = record["frame"]
     ratios = library_plan_ratios("framepack", frame["height"], frame["width"], steps)
-    chosen = magcache_core.plan_for_target(ratios, steps, target).chosen
+    weights = framepack_step_weights(steps, magcache_core.frame_resolution(frame["height"], frame["width"]), 9)
+    chosen = magcache_core.plan_for_target(ratios, steps, target, step_weights=weights).chosen
     ran = record["magcache"]
     assert (ran["magcache_thresh"], ran["magcache_K"], ran["retention_ratio"]) == \
         (chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio)

@@ -311,6 +311,7 @@ def test_the_record_keeps_the_target_and_the_settings_the_planner_chose(tmp_path
     import magcache_core as mc
 
     from magcache_framepack.records import read_record
+    from magcache_framepack.sensitivity import framepack_step_weights
 
     out = tmp_path / "fast.mp4"
     rc = main(["--image", str(image), "--prompt", "x", "--tiny", "--seconds", "1", "--steps", "10",
@@ -320,7 +321,10 @@ def test_the_record_keeps_the_target_and_the_settings_the_planner_chose(tmp_path
     record = read_record(out.with_suffix(".json"))
     settings, magcache = record["settings"], record["magcache"]
     assert settings["target_speedup"] == 1.25
-    chosen = mc.plan_for_target(magcache["ratios"], 10, 1.25).chosen
+    frame = record["frame"]
+    weights = framepack_step_weights(10, mc.frame_resolution(frame["height"], frame["width"]), 9)
+    chosen = mc.plan_for_target(magcache["ratios"], 10, 1.25, step_weights=weights).chosen
+    assert magcache["planned_error"] == pytest.approx(chosen.planned_error, abs=1e-12)
     assert (settings["magcache_thresh"], settings["magcache_K"], settings["retention_ratio"]) == \
         (chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio)
     assert (magcache["magcache_thresh"], magcache["magcache_K"], magcache["retention_ratio"]) == \

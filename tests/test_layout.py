@@ -17,7 +17,8 @@ PACKAGE = ROOT / "magcache_framepack"
 
 #: The layers the package docstring states, lowest first.
 LAYERS = {
-    "settings": 1, "models": 2, "video": 3, "records": 3, "metrics": 3, "job": 3, "comparison": 3, "grid": 3,
+    "settings": 1, "models": 2, "video": 3, "records": 3, "metrics": 3, "sensitivity": 3, "job": 3, "comparison": 3,
+    "grid": 3,
     "jobfiles": 4,
     "runners.local": 5, "runners.ray": 5, "cli": 6,
     "bench.report": 6, "bench.speed": 6, "bench.quality": 6, "bench.sweep": 6, "bench.ratios": 6,

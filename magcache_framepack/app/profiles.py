@@ -287,18 +287,19 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
 
 
 @functools.lru_cache(maxsize=32)
-def tradeoff_curve_of(ratios: tuple[float, ...], steps: int, resample: str) -> list[tuple[float, float]]:
-    """The planner's trade-off curve of one table: a function of the table alone, so it is computed once
+def tradeoff_curve_of(ratios: tuple[float, ...], steps: int, resample: str, cosine_distance: tuple[float, ...] | None,
+                      step_weights: tuple[float, ...] | None) -> list[tuple[float, float]]:
+    """The planner's trade-off curve of one table: a function of the tables alone, so it is computed once
     per table (searching the 1,280 candidates takes some 30 ms; the plan panel redraws on every slider move)."""
-    return magcache_core.tradeoff_curve(magcache_core.plan_candidates(list(ratios), steps, resample))
+    return magcache_core.tradeoff_curve(magcache_core.plan_candidates(
+        list(ratios), steps, resample, cosine_distance=cosine_distance, step_weights=step_weights))
 
 
 def tradeoff_html(config: magcache_core.MagCacheConfig, target_speedup: float | None) -> str:
     """The planner's trade-off on this config's table (speedup against planned error), this plan marked."""
-    curve = tradeoff_curve_of(tuple(config.mag_ratios), config.num_steps, config.resample)
-    current = (config.num_steps / max(1, config.schedule().count(False)),
-               magcache_core.planned_error(config.mag_ratios, config.num_steps, config.magcache_thresh,
-                                           config.magcache_K, config.retention_ratio, config.resample))
+    tables = {name: tuple(values) if values is not None else None for name, values in config.error_tables().items()}
+    curve = tradeoff_curve_of(tuple(config.mag_ratios), config.num_steps, config.resample, **tables)
+    current = (config.num_steps / max(1, config.schedule().count(False)), config.planned_error())
     return tradeoff_chart(curve, current, target_speedup)
 
 
