@@ -441,17 +441,23 @@ def test_plan_check_rows_and_rank_correlation_are_what_they_claim() -> None:
     import magcache_core as mc
     from magcache_framepack.bench.plancheck import run_plan_check
     from magcache_framepack.bench.speed import _framepack_sampler, bench_shape
+    from magcache_framepack.sensitivity import framepack_step_weights
 
     result = run_plan_check("tiny", 12, seed=0, grid=PLAN_CHECK_GRID)
-    rows, ratios = result["rows"], result["ratios"]
-    assert len(rows) == 12 and len(ratios) == 12
+    rows, ratios, cosine = result["rows"], result["ratios"], result["cosine_distance"]
+    assert len(rows) == 12 and len(ratios) == 12 and len(cosine) == 12
+    weights = framepack_step_weights(12, 64, 9)             # the tiny shape: 64 x 64 px, FramePack's window
+    assert result["step_weights"] == list(weights)
     for r in rows:
-        assert r.planned_error == pytest.approx(mc.planned_error(ratios, 12, r.magcache_thresh, r.magcache_K,
-                                                                  r.retention_ratio), abs=1e-12)
+        assert r.planned_error == pytest.approx(mc.planned_error(
+            ratios, 12, r.magcache_thresh, r.magcache_K, r.retention_ratio, cosine_distance=cosine,
+            step_weights=weights), abs=1e-12)
         assert r.computed_steps == mc.skip_schedule(ratios, 12, r.magcache_thresh, r.magcache_K,
                                                     r.retention_ratio).count(False)
     planned, mse = [r.planned_error for r in rows], [r.latent_mse for r in rows]
     assert result["spearman"] == pytest.approx(independent_spearman(planned, mse), abs=1e-12)
+    assert result["spearman_skips"] == pytest.approx(
+        independent_spearman([-r.computed_steps for r in rows], mse), abs=1e-12)
     # one setting's distance, measured again here: the uncached run without MagCache at all
     sampler = _framepack_sampler(bench_shape("tiny"), torch.device("cpu"), torch.float32, "framepack", 0, 12, 1.0)
     reference = sampler.sample().double()
@@ -462,4 +468,21 @@ def test_plan_check_rows_and_rank_correlation_are_what_they_claim() -> None:
     cached = sampler.sample().double()
     mc.disable_magcache(sampler.transformer)
     assert r.latent_mse == pytest.approx(float(((cached - reference) ** 2).mean()), rel=1e-9) and r.latent_mse > 0
-    # No bound on the correlation itself: on random weights it depends on the seed (README, "Target speed-up").
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planned_error_ranks_the_planners_candidates_as_their_measured_distance(seed: int) -> None:
+    """Issue #16's check: Spearman >= 0.8 on the small CPU model with its own calibration, over >= 12 settings.
+
+    The tiny random model at 50 steps: at 25 its noisy ratios leave only 5 to 22 distinct plans among the
+    planner's 1,280 candidates (too few to rank), at 50 it leaves 23 to 46.  Each distinct plan counts
+    once: settings that give the same plan are one measurement, however many of the grid's settings
+    reach it.  The README has the figures for more seeds, over the settings too, and for the larger
+    shape at 25 steps.
+    """
+    from magcache_framepack.bench.plancheck import run_plan_check
+
+    result = run_plan_check("tiny", 50, seed=seed)
+    assert result["distinct_plans"] >= 12
+    assert result["spearman_distinct"] >= 0.8, result["spearman_distinct"]
