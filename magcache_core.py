@@ -273,8 +273,10 @@ def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
 
     The cosine distances come with the ratio table (a calibration profile
     measures both), so they are fitted to ``num_steps`` the same way: ``1 - d``
-    is the fraction of direction a step keeps, a factor like a ratio, so the
-    same resampling keeps its product over the whole run.  The step weights
+    is the fraction of direction a step keeps, a factor like a ratio (the
+    default resampling keeps its product over the whole run).  A distance
+    above 1 (a residual that turned more than a right angle) counts as a full
+    turn: the product must stay positive to be resampled.  The step weights
     belong to the sampler at this step count and are taken as they are.
     """
     table = _validated_ratios(mag_ratios)
@@ -297,16 +299,17 @@ def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
 def _schedule_error(skipped: Sequence[bool], ratios: Sequence[float], kept: Sequence[float],
                     weights: Sequence[float]) -> float:
     """:func:`planned_error` of one skip schedule, on tables already fitted to its steps."""
-    total, run, acc_ratio, acc_kept = 0.0, 0.0, 1.0, 1.0
+    total, along, across, acc_ratio, acc_kept = 0.0, 0.0, 0.0, 1.0, 1.0
     for t, skip in enumerate(skipped):
         if skip:
             acc_ratio *= ratios[t]
             acc_kept *= kept[t]
-            run += weights[t] * math.sqrt((1.0 - acc_ratio) ** 2 + 2.0 * acc_ratio * (1.0 - acc_kept))
+            along += weights[t] * (1.0 - acc_ratio * acc_kept)
+            across += weights[t] * acc_ratio * math.sqrt(max(0.0, 1.0 - acc_kept * acc_kept))
         else:
-            total += run * run
-            run, acc_ratio, acc_kept = 0.0, 1.0, 1.0
-    return math.sqrt(total + run * run)
+            total += along * along + across * across
+            along, across, acc_ratio, acc_kept = 0.0, 0.0, 1.0, 1.0
+    return math.sqrt(total + along * along + across * across)
 
 
 def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
@@ -315,22 +318,22 @@ def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
                   step_weights: Sequence[float] | None = None) -> float:
     """How far a plan is expected to move the final latent from the uncached run's: a ranking, from tables alone.
 
-    A skipped step t adds the last computed step's residual where it would
-    have computed its own.  By the tables, that stand-in is off by
-
-        e_t = sqrt((1 - A)^2 + 2 A (1 - P))   (in units of the residual's size)
-
-    where A is the product of the magnitude ratios since the computed step and
-    P the product of ``1 - cosine_distance`` (the direction kept; P = 1 when
-    the table has no cosine distances, as the published ones do not, and then
-    e_t = |1 - A|).  Step t's error reaches the final latent scaled by
-    ``step_weights[t]``, the sampler's sensitivity to that step's output: for
-    FramePack's UniPC it varies some fifty-fold over 25 steps, so where the
-    skips fall matters as much as how many there are (None weighs every step
-    alike).  A run of skips reuses one residual, so its errors point the same
-    way and add with their weights' signs; separate runs add as independent
-    errors.  The result is sqrt(sum over runs of (sum of w_t e_t)^2); 0.0 for a
-    plan that skips nothing.
+    A skipped step t adds the last computed step's residual r_c where it would
+    have computed its own r_t.  By the tables, r_t has A times r_c's size (A:
+    the product of the magnitude ratios since the computed step) and has kept
+    P of its direction (P: the product of ``1 - cosine_distance``; 1 when the
+    table has none, as the published ones do not).  So the stand-in is off by
+    ``1 - A P`` of r_c's size along r_c and by ``A sqrt(1 - P^2)`` across it.
+    Step t's error reaches the final latent scaled by ``step_weights[t]``, the
+    sampler's sensitivity to that step's output: for FramePack's UniPC it
+    varies over a hundred-fold within 25 steps, so where the skips fall matters
+    as much as how many there are (None weighs every step alike).  A run of
+    skips reuses one residual, so its errors add as vectors: the parts along
+    r_c with their signs (a magnitude that overshoots and then undershoots
+    cancels), and the parts across it as one steady turn.  Separate runs add as
+    independent errors.  The result is the square root of the sum, over runs,
+    of (sum of w (1 - A P))^2 + (sum of w A sqrt(1 - P^2))^2; 0.0 for a plan
+    that skips nothing.
 
     The plan itself is still MagCache's rule (:func:`skip_schedule`); this
     only ranks plans, for :func:`plan_for_target`.  How well it ranks them
@@ -591,10 +594,13 @@ class MagCacheProfile:
                 or self.num_steps != len(self.ratios):
             raise ValueError(f"profile num_steps = {self.num_steps!r} but it holds {len(self.ratios)} ratios; "
                              "they must agree")
-        for name in ("ratio_std", "cosine_distance"):
+        for name, high in (("ratio_std", None), ("cosine_distance", 2.0)):
             values = getattr(self, name)
             if values is not None and (not isinstance(values, list) or len(values) != len(self.ratios)):
                 raise ValueError(f"profile {name} must be a list of {len(self.ratios)} numbers, one per step")
+            if values is not None:
+                # the planner reads cosine_distance: a bad entry is refused here, before any sampling
+                _validated_step_table(f"profile {name}", values, 0.0 if high else None, high)
         if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
             raise ValueError(f"profile runs = {self.runs!r}: must be an integer >= 1")
         if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)):

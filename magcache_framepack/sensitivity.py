@@ -6,12 +6,12 @@ What that costs in the video depends on how much the sampler lets that step's
 output reach the result, and for FramePack that is far from even.  FramePack
 samples with a flow-matching UniPC of order 3 whose result is the last step's
 x0-prediction; at 25 steps on 640-px frames the weight of a step's output in it
-is 0.003-0.02 over the first 17 steps and up to 0.59 over the last six, where
-its sign alternates.  Measured on a random-weight model,
-these weights alone predicted where one skip hurts: the damage of skipping
-single steps followed the square of each step's weight, and ranking plans by
-them lifted the rank correlation with the measured distance from about 0.65
-to about 0.9 (README, "Target speed-up").
+is under 0.025 over the first 16 steps and up to 0.59 over the last five, with
+mixed signs.  While this was built, on a random-weight model, the damage of
+skipping one single step followed the square of that step's weight (all 24
+skippable steps, six seeds), and ranking plans with the weights and the
+calibrated cosine distances is what lifted ``plan-check`` over 0.8 (README,
+"Target speed-up").
 
 The weights are the sampler's exact sensitivity to each step's model output
 when that output does not depend on the latent (the model's own Jacobian, which

@@ -75,3 +75,18 @@ def test_an_unreachable_target_is_refused_with_the_best_reachable(server: Server
     report = server.generate(**dict(ONE_SECTION, steps=8), target_speedup=10)["report"]
     assert report["status"] == "error"
     assert "no setting reaches a 10.00x speed-up at 8 steps" in report["message"]
+
+
+def test_the_plan_weighs_steps_for_the_jobs_latent_window() -> None:
+    """The page and the job plan a target with the same step weights: those of the job's latent window."""
+    from magcache_framepack.app.handlers import AppEvents
+    from magcache_framepack.job import magcache_config
+    from magcache_framepack.settings import JobSettings
+
+    # at window 3 the 640-px schedule's shift is below its cap, so the weights differ from window 9's
+    assert framepack_step_weights(25, 640, 3) != framepack_step_weights(25, 640, 9)
+    for window in (3, 9):
+        config = magcache_config(JobSettings(prompt="", latent_window_size=window, target_speedup=2.0), "framepack",
+                                 None, 640)
+        assert config.step_weights == framepack_step_weights(25, 640, window)
+    assert AppEvents.window_of("40") == 33 and AppEvents.window_of(None) == 9 and AppEvents.window_of(5) == 5

@@ -273,9 +273,10 @@ def test_profile_fields_are_checked(fields, fragment):
 # --- the target-speed-up planner against a brute force over its grid --------------------------------
 
 def reference_planned_error(table, n, thresh, k, retention, mode="magnitude", cosine=None, weights=None):
-    """The planned error restated: split the plan into runs of skips after each computed step; a skip at t
-    stands in the run's residual, off by sqrt((1-A)^2 + 2A(1-P)) with A and P the products of the ratios and
-    of (1 - cosine distance) over the run up to t; a run adds its weighted stand-in errors, runs add in squares."""
+    """The planned error restated as vectors: split the plan into runs of skips after each computed step.  With
+    the computed residual as the unit vector x, a skip at t stands in x for A (P x + sqrt(1 - P^2) y) (A, P the
+    products of the ratios and of 1 - cosine distance over the run up to t, y a unit vector across x); a run
+    adds its weighted differences as vectors, runs add in squares."""
     plan = reference_plan(table, n, thresh, k, retention, mode)
     r = reference_resample(table, n, mode)
     kept = reference_resample([1.0 - d for d in cosine], n, mode) if cosine is not None else np.ones(n)
@@ -288,10 +289,11 @@ def reference_planned_error(table, n, thresh, k, retention, mode="magnitude", co
             runs.append([])
     squares = []
     for run in runs:
-        errors = [w[t] * math.sqrt((1 - np.prod(r[run[0]:t + 1])) ** 2
-                                   + 2 * np.prod(r[run[0]:t + 1]) * (1 - np.prod(kept[run[0]:t + 1])))
-                  for t in run]
-        squares.append(sum(errors) ** 2)
+        error = np.zeros(2)
+        for t in run:
+            a, p = np.prod(r[run[0]:t + 1]), np.prod(kept[run[0]:t + 1])
+            error += w[t] * (np.array([1.0, 0.0]) - a * np.array([p, math.sqrt(1 - p * p)]))
+        squares.append(float(error @ error))
     return math.sqrt(sum(squares))
 
 
@@ -387,20 +389,23 @@ def test_planned_error_is_zero_without_skips_and_grows_with_the_threshold():
 
 
 def test_planned_error_by_hand_on_a_four_step_table():
-    table, weights = (1.0, 1.03, 0.98, 1.05), (1.0, 2.0, -1.0, 0.5)
-    # threshold 0.1, K 3: errors 0.03, 0.0394, 0.09927 stay within it, so steps 1-3 are one run of skips
+    table, weights = (1.0, 1.03, 0.95, 1.05), (1.0, 2.0, -1.0, 0.5)
+    # threshold 0.1, K 3: errors 0.03, 0.0515, 0.078925 stay within it, so steps 1-3 are one run of skips
     assert mc.skip_schedule(table, 4, 0.1, 3, 0.0) == [False, True, True, True]
-    a1, a2, a3 = 1.03, 1.03 * 0.98, 1.03 * 0.98 * 1.05
-    # magnitude only: the run's stand-in errors |1 - A| add with their weights' signs
+    a1, a2, a3 = 1.03, 1.03 * 0.95, 1.03 * 0.95 * 1.05          # 1.03, 0.9785, 1.027425: crossing 1
+    # magnitude only: the run's stand-ins are off by 1 - A along the residual, signs kept, so they partly cancel
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(abs((1 - a1) + (1 - a2) + (1 - a3)), abs=1e-12)
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(0.035925, abs=1e-12)
     assert mc.planned_error(table, 4, 0.1, 3, 0.0, step_weights=weights) == pytest.approx(
-        abs(2.0 * 0.03 - 1.0 * (a2 - 1) + 0.5 * (a3 - 1)), abs=1e-12)
-    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(0.03 + (a2 - 1) + (a3 - 1), abs=1e-12)
-    # a step that turns the residual by cosine distance 0.1 keeps 0.9 of its direction from there on
+        abs(2.0 * (1 - a1) - 1.0 * (1 - a2) + 0.5 * (1 - a3)), abs=1e-12)
+    # a step that turns the residual by cosine distance 0.1 keeps 0.9 of its direction from there on:
+    # 1 - 0.9 A along it, A sqrt(1 - 0.81) across it
     cosine = (0.0, 0.1, 0.0, 0.0)
-    e = [math.sqrt((1 - a) ** 2 + 2 * a * 0.1) for a in (a1, a2, a3)]
+    along = 2.0 * (1 - 0.9 * a1) - 1.0 * (1 - 0.9 * a2) + 0.5 * (1 - 0.9 * a3)
+    across = (2.0 * a1 - 1.0 * a2 + 0.5 * a3) * math.sqrt(0.19)
     assert mc.planned_error(table, 4, 0.1, 3, 0.0, cosine_distance=cosine, step_weights=weights) == pytest.approx(
-        abs(2.0 * e[0] - 1.0 * e[1] + 0.5 * e[2]), abs=1e-12)
-    # K 1 splits the run in three: the errors no longer share a residual, so they add in squares
+        math.hypot(along, across), abs=1e-12)
+    # K 1 splits the run: the errors no longer share a residual, so they add in squares
     assert mc.skip_schedule(table, 4, 0.1, 1, 0.0) == [False, True, False, True]
     assert mc.planned_error(table, 4, 0.1, 1, 0.0, step_weights=weights) == pytest.approx(
         math.hypot(2.0 * 0.03, 0.5 * 0.05), abs=1e-12)
@@ -433,3 +438,7 @@ def test_a_config_plans_its_error_with_its_profiles_cosine_distances(tmp_path):
     assert mc.MagCacheConfig(calibrate=True).planned_error() == 0.0
     with pytest.raises(ValueError, match="step_weights has 3 entries for 25 steps"):
         mc.MagCacheConfig(step_weights=[1.0, 2.0, 3.0])
+    # a profile whose cosine distances the planner cannot use is refused on load, before any sampling
+    (tmp_path / "bad.json").write_text(json.dumps({**profile.to_json(), "cosine_distance": [-0.5] * 25}))
+    with pytest.raises(ValueError, match=r"cosine_distance\[0\] = -0.5: each entry must be a number from 0 to 2"):
+        mc.MagCacheConfig(mag_ratios=tmp_path / "bad.json")

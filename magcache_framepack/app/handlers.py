@@ -104,11 +104,12 @@ class AppEvents:
     # -- the plan panel, presets, profiles and chart ---------------------------------------------
     def plan(self, cache: str, steps: Any, thresh: Any, k: Any, retention: Any, profile: str | None,
              calibrate: bool, cfg: Any, resample: str = "magnitude", resolution: Any = None,
-             target: Any = None) -> str:
+             target: Any = None, window: Any = None) -> str:
         """The plan panel for the values as a job would run them (typed values clamped into the limits).
 
         ``resolution``: the frame resolution of the uploaded image's bucket (None before one is given);
-        ``target``: the target speedup box (empty: none).
+        ``target``: the target speedup box (empty: none); ``window``: the latent window (the sampler's
+        step weights depend on it).
         """
         try:
             steps, thresh, k, retention, cfg = (LIMITS[name].clamp(float(value)) for name, value in (
@@ -117,7 +118,15 @@ class AppEvents:
         except (TypeError, ValueError, OverflowError):
             return message_html("No plan: a MagCache setting is not a number.")
         return plan_panel_html(self.catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample,
-                               self.resolution_of(resolution), self.target_of(target))
+                               self.resolution_of(resolution), self.target_of(target), self.window_of(window))
+
+    @staticmethod
+    def window_of(value: Any) -> int:
+        """The latent window slider as a job runs it: clamped to its limits; FramePack's 9 when not a number."""
+        try:
+            return int(LIMITS["latent_window_size"].clamp(float(value)))
+        except (TypeError, ValueError, OverflowError):
+            return JobSettings.latent_window_size
 
     @staticmethod
     def target_of(value: Any) -> float | None:
@@ -129,7 +138,7 @@ class AppEvents:
         return float(LIMITS["target_speedup"].clamp(value)) if math.isfinite(value) and value != 0 else None
 
     def apply_target(self, target: Any, steps: Any, profile: str | None, resample: str,
-                     resolution: Any) -> tuple[Any, Any, Any, Any]:
+                     resolution: Any, window: Any = None) -> tuple[Any, Any, Any, Any]:
         """A target speedup typed: the planner's threshold, K and retention into the sliders, and the preset.
 
         Nothing changes when the box is empty, or no setting reaches the target (the plan panel says why).
@@ -140,7 +149,8 @@ class AppEvents:
         unchanged = (gr.update(),) * 4
         if target is None:
             return unchanged
-        settings = JobSettings(prompt="", steps=self.steps_of(steps), resample=str(resample), target_speedup=target)
+        settings = JobSettings(prompt="", steps=self.steps_of(steps), resample=str(resample), target_speedup=target,
+                               latent_window_size=self.window_of(window))
         try:
             config = plan_config(self.catalog, settings, profile, self.resolution_of(resolution))
         except ValueError:

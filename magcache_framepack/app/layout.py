@@ -288,7 +288,7 @@ def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> N
                   queue=False, **HIDDEN_API)
 
     plan_inputs = [p.cache, p.steps, p.magcache_thresh, p.magcache_K, p.retention_ratio, p.profile, p.calibrate,
-                   p.cfg, p.resample, p.frame_resolution, p.target_speedup]
+                   p.cfg, p.resample, p.frame_resolution, p.target_speedup, p.latent_window_size]
     # one listener for every input of the plan, so "always_last" orders them all: when a job's end changes
     # two at once (the new profile, Calibrate unticked), the plan last drawn is computed from both, never
     # an earlier answer that arrived late; raw values (preprocess=False): a number typed beyond a slider's
@@ -305,7 +305,7 @@ def plan_and_profile_events(page: types.SimpleNamespace, events: AppEvents) -> N
                      show_progress="hidden", queue=False, **HIDDEN_API)
     # a target speedup sets the three knobs (again when the table it plans on changes); setting a knob
     # or a preset by hand clears the target
-    target_inputs = [p.target_speedup, p.steps, p.profile, p.resample, p.frame_resolution]
+    target_inputs = [p.target_speedup, p.steps, p.profile, p.resample, p.frame_resolution, p.latent_window_size]
     gr.on([p.target_speedup.input, *(control.change for control in target_inputs[1:])], events.apply_target,
           inputs=target_inputs, outputs=[*knobs, p.preset], preprocess=False, show_progress="hidden", queue=False,
           trigger_mode="always_last", **HIDDEN_API)

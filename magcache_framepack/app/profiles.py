@@ -262,7 +262,8 @@ def profile_selection(catalog: ProfileCatalog, choice: str | None) -> tuple[str,
 def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_thresh: float,
                     magcache_K: float, retention_ratio: float, profile_choice: str | None,
                     calibrate: bool, cfg: float = 1.0, resample: str = "magnitude",
-                    resolution: float | None = None, target_speedup: float | None = None) -> str:
+                    resolution: float | None = None, target_speedup: float | None = None,
+                    latent_window_size: int = 9) -> str:
     """The live skip-plan panel for the current settings, and the table it comes from (never raises).
 
     ``resolution`` is the job's frame resolution, (height + width) / 2 of the bucket its image gets
@@ -276,7 +277,8 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
     try:
         settings = JobSettings(prompt="", steps=int(steps), magcache_thresh=float(magcache_thresh),
                                magcache_K=int(round(float(magcache_K))), retention_ratio=float(retention_ratio),
-                               cfg=float(cfg), resample=str(resample), target_speedup=target_speedup)
+                               cfg=float(cfg), resample=str(resample), target_speedup=target_speedup,
+                               latent_window_size=int(latent_window_size))
         config = plan_config(catalog, settings, profile_choice, resolution)
     except ValueError as exc:
         return message_html(f"No plan: {exc}")
@@ -290,7 +292,7 @@ def plan_panel_html(catalog: ProfileCatalog, cache: str, steps: float, magcache_
 def tradeoff_curve_of(ratios: tuple[float, ...], steps: int, resample: str, cosine_distance: tuple[float, ...] | None,
                       step_weights: tuple[float, ...] | None) -> list[tuple[float, float]]:
     """The planner's trade-off curve of one table: a function of the tables alone, so it is computed once
-    per table (searching the 1,280 candidates takes some 30 ms; the plan panel redraws on every slider move)."""
+    per table (searching the 1,280 candidates takes some 25 ms; the plan panel redraws on every slider move)."""
     return magcache_core.tradeoff_curve(magcache_core.plan_candidates(
         list(ratios), steps, resample, cosine_distance=cosine_distance, step_weights=step_weights))
 

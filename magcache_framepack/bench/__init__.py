@@ -7,7 +7,7 @@ Six tools, one subcommand each of ``magcache_bench.py`` (or
     python magcache_bench.py compare REF.mp4 OTHER.mp4 [--json FILE]
     python magcache_bench.py sweep   --image IMG --prompt TEXT [--tiny] [--setting ...] [--out DIR]
     python magcache_bench.py ratios  [PROFILE.json ...] [--steps 25,50] [--out FILE.png]
-    python magcache_bench.py plan-check [--size tiny|small] [--steps 25] [--json FILE]
+    python magcache_bench.py plan-check [--size tiny|small] [--steps 25] [--seed 0] [--json FILE]
     python magcache_bench.py ray     [--jobs N] [--workers 1 2 ...] [--cpus N]
 
 * :mod:`.speed`: FramePack's sampler over one section with random weights at
