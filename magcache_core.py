@@ -267,73 +267,81 @@ def _validated_step_table(name: str, values: Sequence[float] | None, low: float 
 
 
 def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
-                  cosine_distance: Sequence[float] | None,
-                  step_weights: Sequence[float] | None) -> tuple[list[float], list[float], list[float]]:
-    """The per-step magnitude ratios, directions kept and weights that :func:`planned_error` sums over.
+                   cosine_distance: Sequence[float] | None,
+                   step_weights: Sequence[float] | None) -> tuple[list[float], list[float], list[float]]:
+    """Per step, fitted to ``num_steps``: the magnitude ratio, how far the residual moves over the step (in
+    units of the previous residual's size) and the size of the step's weight; what :func:`planned_error` sums.
 
-    The cosine distances come with the ratio table (a calibration profile
-    measures both), so they are fitted to ``num_steps`` the same way: ``1 - d``
-    is the fraction of direction a step keeps, a factor like a ratio (the
-    default resampling keeps its product over the whole run).  A distance
-    above 1 (a residual that turned more than a right angle) counts as a full
-    turn: the product must stay positive to be resampled.  The step weights
-    belong to the sampler at this step count and are taken as they are.
+    A step with ratio r and cosine distance d moves the residual by
+    sqrt((1 - r)^2 + 2 r d) of its size (the law of cosines).  The cosine
+    distances come with the ratio table (a calibration profile measures both),
+    so they are fitted to ``num_steps`` the same way: ``1 - d``, the direction
+    a step keeps, is a factor like a ratio (the default resampling keeps its
+    product over the whole run); a distance above 1 counts as 1, a right
+    angle, for the factor must stay positive.  The step weights belong to the
+    sampler at this step count and are taken as they are.
     """
     table = _validated_ratios(mag_ratios)
     ratios = resample_mag_ratios(table, num_steps, resample)
     distances = _validated_step_table("cosine_distance", cosine_distance, 0.0, 2.0)
     if distances is None:
-        kept = [1.0] * num_steps
+        turned = [0.0] * num_steps
     else:
         if len(distances) != len(table):
             raise ValueError(f"cosine_distance has {len(distances)} entries for a table of {len(table)} ratios: "
                              "give one per ratio (a calibration profile's cosine_distance), or None")
         kept = resample_mag_ratios([min(1.0, max(1e-6, 1.0 - d)) for d in distances], num_steps, resample)
+        turned = [1.0 - k for k in kept]
     weights = _validated_step_table("step_weights", step_weights)
     if weights is not None and len(weights) != num_steps:
         raise ValueError(f"step_weights has {len(weights)} entries for {num_steps} steps: give one per step "
                          "(the sampler's weights at this step count), or None to weigh every step alike")
-    return ratios, kept, list(weights) if weights is not None else [1.0] * num_steps
+    moves = [math.sqrt((1.0 - r) ** 2 + 2.0 * r * d) for r, d in zip(ratios, turned)]
+    return ratios, moves, [abs(w) for w in weights] if weights is not None else [1.0] * num_steps
 
 
-def _schedule_error(skipped: Sequence[bool], ratios: Sequence[float], kept: Sequence[float],
+def _schedule_error(skipped: Sequence[bool], ratios: Sequence[float], moves: Sequence[float],
                     weights: Sequence[float]) -> float:
     """:func:`planned_error` of one skip schedule, on tables already fitted to its steps."""
-    total, along, across, acc_ratio, acc_kept = 0.0, 0.0, 0.0, 1.0, 1.0
+    total, run, drift, size = 0.0, 0.0, 0.0, 1.0
     for t, skip in enumerate(skipped):
         if skip:
-            acc_ratio *= ratios[t]
-            acc_kept *= kept[t]
-            along += weights[t] * (1.0 - acc_ratio * acc_kept)
-            across += weights[t] * acc_ratio * math.sqrt(max(0.0, 1.0 - acc_kept * acc_kept))
+            drift += size * moves[t]        # how far the residual may have moved since the computed step
+            size *= ratios[t]               # its size now, in units of the computed step's
+            run += weights[t] * drift
         else:
-            total += along * along + across * across
-            along, across, acc_ratio, acc_kept = 0.0, 0.0, 1.0, 1.0
-    return math.sqrt(total + along * along + across * across)
+            total += run * run
+            run, drift, size = 0.0, 0.0, 1.0
+    return math.sqrt(total + run * run)
 
 
 def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: float,
                   magcache_K: int, retention_ratio: float, resample: str = "magnitude", *,
                   cosine_distance: Sequence[float] | None = None,
                   step_weights: Sequence[float] | None = None) -> float:
-    """How far a plan is expected to move the final latent from the uncached run's: a ranking, from tables alone.
+    """How far a plan may move the final latent from the uncached run's: a ranking, from tables alone.
 
-    A skipped step t adds the last computed step's residual r_c where it would
-    have computed its own r_t.  By the tables, r_t has A times r_c's size (A:
-    the product of the magnitude ratios since the computed step) and has kept
-    P of its direction (P: the product of ``1 - cosine_distance``; 1 when the
-    table has none, as the published ones do not).  So the stand-in is off by
-    ``1 - A P`` of r_c's size along r_c and by ``A sqrt(1 - P^2)`` across it.
-    Step t's error reaches the final latent scaled by ``step_weights[t]``, the
-    sampler's sensitivity to that step's output: for FramePack's UniPC it
-    varies over a hundred-fold within 25 steps, so where the skips fall matters
-    as much as how many there are (None weighs every step alike).  A run of
-    skips reuses one residual, so its errors add as vectors: the parts along
-    r_c with their signs (a magnitude that overshoots and then undershoots
-    cancels), and the parts across it as one steady turn.  Separate runs add as
-    independent errors.  The result is the square root of the sum, over runs,
-    of (sum of w (1 - A P))^2 + (sum of w A sqrt(1 - P^2))^2; 0.0 for a plan
-    that skips nothing.
+    A skipped step t adds the last computed step's residual where it would
+    have computed its own.  The tables say how far the residual moves over
+    each step: sqrt((1 - r)^2 + 2 r d) of its size, from the step's magnitude
+    ratio r and cosine distance d (d = 0 when the table has none, as the
+    published ones do not: then only the magnitude's change |1 - r| counts).
+    The stand-in is at most the sum of those moves since the computed step
+    away (each in units of the computed residual's size, so scaled by the
+    ratios' product so far).  Step t's error reaches the final latent scaled
+    by ``step_weights[t]``, the sampler's sensitivity to that step's output:
+    for FramePack's UniPC it varies over a hundred-fold within 25 steps, so
+    where the skips fall matters as much as how many there are (None weighs
+    every step alike).  A run of skips reuses one residual, so its errors add
+    up; separate runs add as independent errors.  The result is the square
+    root of the sum, over runs, of (sum of |w| times the drift)^2; 0.0 for a
+    plan that skips nothing.
+
+    Why bounds, with the weights' sizes, and not signed estimates: a magnitude
+    that returns to 1 has not brought the residual back, and the tables are
+    too coarse to trust cancellations.  A planner that trusted them chose runs
+    of eight skips for a 2x target on the published FramePack table, because
+    their signed errors happened to cancel; with bounds it chooses K 3.
 
     The plan itself is still MagCache's rule (:func:`skip_schedule`); this
     only ranks plans, for :func:`plan_for_target`.  How well it ranks them

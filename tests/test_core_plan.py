@@ -273,14 +273,14 @@ def test_profile_fields_are_checked(fields, fragment):
 # --- the target-speed-up planner against a brute force over its grid --------------------------------
 
 def reference_planned_error(table, n, thresh, k, retention, mode="magnitude", cosine=None, weights=None):
-    """The planned error restated as vectors: split the plan into runs of skips after each computed step.  With
-    the computed residual as the unit vector x, a skip at t stands in x for A (P x + sqrt(1 - P^2) y) (A, P the
-    products of the ratios and of 1 - cosine distance over the run up to t, y a unit vector across x); a run
-    adds its weighted differences as vectors, runs add in squares."""
+    """The planned error restated: split the plan into runs of skips after each computed step c.  Over step i the
+    residual moves by sqrt((1-r_i)^2 + 2 r_i d_i) of its size (law of cosines), which is prod(r_{c+1..i-1}) of
+    r_c's; a skip at t is off by at most the sum of those moves from c+1 to t (triangle inequality); a run adds
+    its skips' bounds times |w|, runs add in squares."""
     plan = reference_plan(table, n, thresh, k, retention, mode)
     r = reference_resample(table, n, mode)
-    kept = reference_resample([1.0 - d for d in cosine], n, mode) if cosine is not None else np.ones(n)
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    d = 1.0 - reference_resample([1.0 - x for x in cosine], n, mode) if cosine is not None else np.zeros(n)
+    w = np.ones(n) if weights is None else np.abs(np.asarray(weights, dtype=np.float64))
     runs = []
     for t, skip in enumerate(plan):
         if skip:
@@ -289,11 +289,8 @@ def reference_planned_error(table, n, thresh, k, retention, mode="magnitude", co
             runs.append([])
     squares = []
     for run in runs:
-        error = np.zeros(2)
-        for t in run:
-            a, p = np.prod(r[run[0]:t + 1]), np.prod(kept[run[0]:t + 1])
-            error += w[t] * (np.array([1.0, 0.0]) - a * np.array([p, math.sqrt(1 - p * p)]))
-        squares.append(float(error @ error))
+        move = [np.prod(r[run[0]:i]) * math.sqrt((1 - r[i]) ** 2 + 2 * r[i] * d[i]) for i in run]
+        squares.append(sum(w[t] * sum(move[:j + 1]) for j, t in enumerate(run)) ** 2)
     return math.sqrt(sum(squares))
 
 
@@ -392,19 +389,21 @@ def test_planned_error_by_hand_on_a_four_step_table():
     table, weights = (1.0, 1.03, 0.95, 1.05), (1.0, 2.0, -1.0, 0.5)
     # threshold 0.1, K 3: errors 0.03, 0.0515, 0.078925 stay within it, so steps 1-3 are one run of skips
     assert mc.skip_schedule(table, 4, 0.1, 3, 0.0) == [False, True, True, True]
-    a1, a2, a3 = 1.03, 1.03 * 0.95, 1.03 * 0.95 * 1.05          # 1.03, 0.9785, 1.027425: crossing 1
-    # magnitude only: the run's stand-ins are off by 1 - A along the residual, signs kept, so they partly cancel
-    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(abs((1 - a1) + (1 - a2) + (1 - a3)), abs=1e-12)
-    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(0.035925, abs=1e-12)
+    # magnitude only: the residual moves 0.03, then 0.05 of its size 1.03, then 0.05 of its size 0.9785;
+    # the stand-in is off by at most the moves so far: 0.03, 0.0815, 0.130425 (where |1 - A| would say
+    # 0.03, 0.0215, 0.027425: a size that returns does not bring the residual back)
+    drift = (0.03, 0.03 + 1.03 * 0.05, 0.03 + 1.03 * 0.05 + 1.03 * 0.95 * 0.05)
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(sum(drift), abs=1e-12)
+    assert mc.planned_error(table, 4, 0.1, 3, 0.0) == pytest.approx(0.241925, abs=1e-12)
+    # the weights count with their size: the tables are too coarse to trust a cancellation
     assert mc.planned_error(table, 4, 0.1, 3, 0.0, step_weights=weights) == pytest.approx(
-        abs(2.0 * (1 - a1) - 1.0 * (1 - a2) + 0.5 * (1 - a3)), abs=1e-12)
-    # a step that turns the residual by cosine distance 0.1 keeps 0.9 of its direction from there on:
-    # 1 - 0.9 A along it, A sqrt(1 - 0.81) across it
+        2.0 * drift[0] + 1.0 * drift[1] + 0.5 * drift[2], abs=1e-12)
+    # a step that turns the residual by cosine distance 0.1 moves it sqrt(0.03^2 + 2 * 1.03 * 0.1) of its size
     cosine = (0.0, 0.1, 0.0, 0.0)
-    along = 2.0 * (1 - 0.9 * a1) - 1.0 * (1 - 0.9 * a2) + 0.5 * (1 - 0.9 * a3)
-    across = (2.0 * a1 - 1.0 * a2 + 0.5 * a3) * math.sqrt(0.19)
+    turned = math.sqrt(0.03 ** 2 + 2 * 1.03 * 0.1)
+    drift = (turned, turned + 1.03 * 0.05, turned + 1.03 * 0.05 + 1.03 * 0.95 * 0.05)
     assert mc.planned_error(table, 4, 0.1, 3, 0.0, cosine_distance=cosine, step_weights=weights) == pytest.approx(
-        math.hypot(along, across), abs=1e-12)
+        2.0 * drift[0] + 1.0 * drift[1] + 0.5 * drift[2], abs=1e-12)
     # K 1 splits the run: the errors no longer share a residual, so they add in squares
     assert mc.skip_schedule(table, 4, 0.1, 1, 0.0) == [False, True, False, True]
     assert mc.planned_error(table, 4, 0.1, 1, 0.0, step_weights=weights) == pytest.approx(

@@ -56,3 +56,14 @@ def test_the_last_steps_weigh_most_at_framepacks_640_px():
     weights = [abs(w) for w in framepack_step_weights(25, 640, 9)]
     assert max(weights[:17]) < 0.05 < max(weights[19:])
     assert framepack_step_weights(25, 640, 9) is framepack_step_weights(25, 640, 9)     # computed once
+
+
+def test_with_framepacks_weights_a_2x_target_keeps_runs_of_skips_short():
+    """Signed errors that cancel by luck once made the planner pick eight skips in a row for 2x; bounds do not."""
+    import magcache_core as mc
+
+    chosen = mc.plan_for_target(mc.FRAMEPACK_MAG_RATIOS, 25, 2.0,
+                                step_weights=framepack_step_weights(25, 640, 9)).chosen
+    plan = "".join("x" if s else "." for s in mc.skip_schedule(
+        mc.FRAMEPACK_MAG_RATIOS, 25, chosen.magcache_thresh, chosen.magcache_K, chosen.retention_ratio))
+    assert chosen.speedup >= 2.0 and max(len(run) for run in plan.split(".")) <= 4, plan
