@@ -87,6 +87,9 @@ DEFAULT_PRESET = "E010K3R02"
 MAX_STEP_RATIO_DEVIATION = 0.06
 
 RESAMPLE_MODES = ("magnitude", "nearest")
+
+# A mean cosine distance 1 - cos lies in [0, 2]; planned_error reads a profile's.
+COSINE_DISTANCE_RANGE = (0.0, 2.0)
 PROFILE_FORMAT = "magcache-framepack-profile"
 
 # The ratio library: the published tables above stand for 640 px at 25 steps; this
@@ -227,9 +230,14 @@ def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
     """
     n, thresh, k, retention = _validated_plan_settings(
         num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
-    ratios = resample_mag_ratios(mag_ratios, n, resample)
+    return _skip_plan(resample_mag_ratios(mag_ratios, n, resample), thresh, k, retention)
+
+
+def _skip_plan(ratios: Sequence[float], thresh: float, k: int, retention: float) -> list[bool]:
+    """:func:`skip_schedule`'s rule on ratios already fitted to the steps and settings already validated."""
+    n = len(ratios)
     first_skippable = max(int(retention * n), 1)
-    out: list[bool] = []
+    plan: list[bool] = []
     acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
     for t, r in enumerate(ratios):
         skip = False
@@ -240,8 +248,8 @@ def skip_schedule(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
             skip = acc_err <= thresh and acc_steps <= k and abs(1 - r) <= MAX_STEP_RATIO_DEVIATION
             if not skip:
                 acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
-        out.append(skip)
-    return out
+        plan.append(skip)
+    return plan
 
 
 def _validated_step_table(name: str, values: Sequence[float] | None, low: float | None = None,
@@ -266,6 +274,15 @@ def _validated_step_table(name: str, values: Sequence[float] | None, low: float 
     return tuple(out)
 
 
+def _validated_step_weights(step_weights: Sequence[float] | None, num_steps: int) -> tuple[float, ...] | None:
+    """The sampler's weight of each step as floats (or None), else ValueError saying what is accepted."""
+    weights = _validated_step_table("step_weights", step_weights)
+    if weights is not None and len(weights) != num_steps:
+        raise ValueError(f"step_weights has {len(weights)} entries for {num_steps} steps: give one per step "
+                         "(the sampler's weights at this step count), or None to weigh every step alike")
+    return weights
+
+
 def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
                    cosine_distance: Sequence[float] | None,
                    step_weights: Sequence[float] | None) -> tuple[list[float], list[float], list[float]]:
@@ -283,7 +300,7 @@ def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
     """
     table = _validated_ratios(mag_ratios)
     ratios = resample_mag_ratios(table, num_steps, resample)
-    distances = _validated_step_table("cosine_distance", cosine_distance, 0.0, 2.0)
+    distances = _validated_step_table("cosine_distance", cosine_distance, *COSINE_DISTANCE_RANGE)
     if distances is None:
         turned = [0.0] * num_steps
     else:
@@ -292,10 +309,7 @@ def _fitted_tables(mag_ratios: Sequence[float], num_steps: int, resample: str,
                              "give one per ratio (a calibration profile's cosine_distance), or None")
         kept = resample_mag_ratios([min(1.0, max(1e-6, 1.0 - d)) for d in distances], num_steps, resample)
         turned = [1.0 - k for k in kept]
-    weights = _validated_step_table("step_weights", step_weights)
-    if weights is not None and len(weights) != num_steps:
-        raise ValueError(f"step_weights has {len(weights)} entries for {num_steps} steps: give one per step "
-                         "(the sampler's weights at this step count), or None to weigh every step alike")
+    weights = _validated_step_weights(step_weights, num_steps)
     moves = [math.sqrt((1.0 - r) ** 2 + 2.0 * r * d) for r, d in zip(ratios, turned)]
     return ratios, moves, [abs(w) for w in weights] if weights is not None else [1.0] * num_steps
 
@@ -348,9 +362,10 @@ def planned_error(mag_ratios: Sequence[float], num_steps: int, magcache_thresh: 
     as the measured distance does is checked by ``magcache_bench.py plan-check``
     (figures in the README).
     """
-    n = _validated_plan_settings(num_steps, magcache_thresh, magcache_K, retention_ratio, resample)[0]
-    skipped = skip_schedule(mag_ratios, n, magcache_thresh, magcache_K, retention_ratio, resample)
-    return _schedule_error(skipped, *_fitted_tables(mag_ratios, n, resample, cosine_distance, step_weights))
+    n, thresh, k, retention = _validated_plan_settings(
+        num_steps, magcache_thresh, magcache_K, retention_ratio, resample)
+    tables = _fitted_tables(mag_ratios, n, resample, cosine_distance, step_weights)
+    return _schedule_error(_skip_plan(tables[0], thresh, k, retention), *tables)
 
 
 # The candidate grid that plan_for_target searches: thresholds 0.01..0.40, K 1..8, four retentions.
@@ -403,13 +418,15 @@ def plan_candidates(mag_ratios: Sequence[float], num_steps: int, resample: str =
                     cosine_distance: Sequence[float] | None = None,
                     step_weights: Sequence[float] | None = None) -> list[PlanCandidate]:
     """Every setting of the grid with its planned computed steps and :func:`planned_error` (pure: tables only)."""
-    tables = _fitted_tables(mag_ratios, num_steps, resample, cosine_distance, step_weights)
+    tables = _fitted_tables(mag_ratios, num_steps, resample, cosine_distance, step_weights)  # checks num_steps
+    n = len(tables[0])
     errors: dict[tuple[bool, ...], float] = {}      # settings that give one plan share its error
     out = []
     for thresh in thresholds:
         for k in ks:
             for retention in retentions:
-                skipped = tuple(skip_schedule(mag_ratios, num_steps, thresh, k, retention, resample))
+                _, *valid = _validated_plan_settings(n, thresh, k, retention, resample)
+                skipped = tuple(_skip_plan(tables[0], *valid))
                 if skipped not in errors:
                     errors[skipped] = _schedule_error(skipped, *tables)
                 out.append(PlanCandidate(float(thresh), int(k), float(retention), int(num_steps),
@@ -602,13 +619,13 @@ class MagCacheProfile:
                 or self.num_steps != len(self.ratios):
             raise ValueError(f"profile num_steps = {self.num_steps!r} but it holds {len(self.ratios)} ratios; "
                              "they must agree")
-        for name, high in (("ratio_std", None), ("cosine_distance", 2.0)):
+        for name, (low, high) in (("ratio_std", (None, None)), ("cosine_distance", COSINE_DISTANCE_RANGE)):
             values = getattr(self, name)
             if values is not None and (not isinstance(values, list) or len(values) != len(self.ratios)):
                 raise ValueError(f"profile {name} must be a list of {len(self.ratios)} numbers, one per step")
             if values is not None:
                 # the planner reads cosine_distance: a bad entry is refused here, before any sampling
-                _validated_step_table(f"profile {name}", values, 0.0 if high else None, high)
+                _validated_step_table(f"profile {name}", values, low, high)
         if isinstance(self.runs, bool) or not isinstance(self.runs, int) or self.runs < 1:
             raise ValueError(f"profile runs = {self.runs!r}: must be an integer >= 1")
         if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)):
@@ -734,10 +751,7 @@ class MagCacheConfig:
             self.profile = ratios
             ratios = ratios.ratios
         self.mag_ratios = _validated_ratios(ratios)
-        self.step_weights = _validated_step_table("step_weights", self.step_weights)
-        if self.step_weights is not None and len(self.step_weights) != self.num_steps:
-            raise ValueError(f"step_weights has {len(self.step_weights)} entries for {self.num_steps} steps: "
-                             "give the sampler's weight of each step, or None")
+        self.step_weights = _validated_step_weights(self.step_weights, self.num_steps)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MagCacheConfig":
