@@ -85,12 +85,19 @@ class AppEvents:
                    initial_profile=initial_profile)
 
     # -- values as a job runs them ---------------------------------------------------------------
-    def steps_of(self, value: Any) -> int:
-        """A step count as a job runs it (raw slider value clamped; the default if not a number)."""
+    @staticmethod
+    def int_setting(name: str, value: Any) -> int:
+        """An integer slider's raw value as a job runs it: clamped into ``LIMITS[name]``; the job's default
+        when not a number."""
         try:
-            return int(LIMITS["steps"].clamp(float(value)))
+            return int(LIMITS[name].clamp(float(value)))
         except (TypeError, ValueError, OverflowError):
-            return self.defaults.steps
+            return getattr(JobSettings, name)
+
+    @classmethod
+    def steps_of(cls, value: Any) -> int:
+        """A step count as a job runs it."""
+        return cls.int_setting("steps", value)
 
     @staticmethod
     def resolution_of(value: Any) -> float | None:
@@ -120,13 +127,10 @@ class AppEvents:
         return plan_panel_html(self.catalog, cache, steps, thresh, k, retention, profile, calibrate, cfg, resample,
                                self.resolution_of(resolution), self.target_of(target), self.window_of(window))
 
-    @staticmethod
-    def window_of(value: Any) -> int:
-        """The latent window slider as a job runs it: clamped to its limits; FramePack's 9 when not a number."""
-        try:
-            return int(LIMITS["latent_window_size"].clamp(float(value)))
-        except (TypeError, ValueError, OverflowError):
-            return JobSettings.latent_window_size
+    @classmethod
+    def window_of(cls, value: Any) -> int:
+        """The latent window as a job runs it (FramePack's 9 when not a number)."""
+        return cls.int_setting("latent_window_size", value)
 
     @staticmethod
     def target_of(value: Any) -> float | None:

@@ -42,6 +42,7 @@ from magcache_framepack.bench.report import UsageError, write_json
 from magcache_framepack.bench.speed import SIZES, _framepack_sampler, _sampler_bars_hidden, bench_shape
 from magcache_framepack.sensitivity import framepack_step_weights
 
+
 def ranks(values: Sequence[float]) -> np.ndarray:
     """Average ranks (1-based), ties sharing the mean of their positions."""
     x = np.asarray(values, dtype=np.float64)
@@ -104,7 +105,7 @@ def run_plan_check(size: str = "tiny", steps: int = 25, seed: int = 0,
                     magcache_core.disable_magcache(model)
             rows.append(CheckRow(c.magcache_thresh, c.magcache_K, c.retention_ratio, c.computed_steps,
                                  c.planned_error, measured[plan]))
-    distinct = list({(r.computed_steps, r.planned_error, r.latent_mse): r for r in rows}.values())
+    distinct = distinct_rows(rows)
     return {
         "size": size, "steps": steps, "seed": seed, "ratios": list(profile.ratios),
         "cosine_distance": list(profile.cosine_distance or []), "step_weights": list(weights or []),
@@ -116,18 +117,21 @@ def run_plan_check(size: str = "tiny", steps: int = 25, seed: int = 0,
     }
 
 
+def distinct_rows(rows: Sequence[CheckRow]) -> list[CheckRow]:
+    """One row per distinct plan, its first (smallest) setting: settings that give one plan are one measurement."""
+    first: dict[tuple[int, float, float], CheckRow] = {}
+    for r in rows:
+        first.setdefault((r.computed_steps, r.planned_error, r.latent_mse), r)
+    return list(first.values())
+
+
 def format_plan_check(result: dict[str, Any]) -> str:
     lines = [f"{len(result['rows'])} settings ({result['distinct_plans']} distinct plans), {result['size']} "
              f"random-weight model, {result['steps']} steps, seed {result['seed']}, ratios calibrated on it",
              "| thresh | K | retention | computed | planned error | final-latent MSE |",
              "|---|---|---|---|---|---|"]
-    seen: set[tuple[int, float, float]] = set()
-    for r in result["rows"]:              # one row per distinct plan: its first (smallest) setting
-        key = (r.computed_steps, r.planned_error, r.latent_mse)
-        if key not in seen:
-            seen.add(key)
-            lines.append(f"| {r.magcache_thresh:g} | {r.magcache_K} | {r.retention_ratio:g} | {r.computed_steps} "
-                         f"| {r.planned_error:.4g} | {r.latent_mse:.3e} |")
+    lines += [f"| {r.magcache_thresh:g} | {r.magcache_K} | {r.retention_ratio:g} | {r.computed_steps} "
+              f"| {r.planned_error:.4g} | {r.latent_mse:.3e} |" for r in distinct_rows(result["rows"])]
     lines.append(f"Spearman (planned error vs final-latent MSE): {result['spearman']:.3f} over the settings, "
                  f"{result['spearman_distinct']:.3f} over the distinct plans")
     lines.append(f"Baseline (skipped steps vs final-latent MSE): {result['spearman_skips']:.3f} over the settings, "
