@@ -224,7 +224,11 @@ def test_tiny_app_in_chromium(browser: Any, app: dict[str, Any], tmp_path: pathl
     assert "Section 1/1: computed 8/8 steps, skipped 0" in page.locator("#job-summary").inner_text()
     saved = sorted(app["profiles"].glob("framepack-*px-8steps-*.json"))
     assert len(saved) == 1
-    # the chart shows the new profile's ratios, named (the title may wrap the long file name)
+    # the chart shows the new profile's ratios, named (the title may wrap the long file name); once in CI
+    # Start was on while the chart still showed the library's table under a running status timer, so wait
+    # for the chart itself (a chart that never names the profile still fails here)
+    page.wait_for_function("name => (document.querySelector('#ratios-chart').textContent || '')"
+                           ".replace(/\\s/g, '').includes(name)", arg=saved[0].name, timeout=10_000)
     chart = re.sub(r"\s", "", page.locator("#ratios-chart").text_content() or "")
     assert saved[0].name in chart and ("Calibratedratiossavedas" in chart or "yourprofile" in chart), chart
     profile = magcache_core.MagCacheProfile.load(saved[0])
