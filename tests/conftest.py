@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,6 +112,23 @@ def image(tmp_path: Path) -> Path:
     path = tmp_path / "start.png"
     Image.fromarray(x).save(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_in_this_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """This process's temp dir is the run's pytest folder, which pytest rotates (it keeps three runs).
+
+    gradio_client 1.x (with Gradio 5) leaves an empty folder in the temp dir for every file a
+    Client downloads; Gradio's own cache lands there too.  Every tmp_path stays under it, so the
+    files the apps serve are still inside the temp dir, as Gradio requires.  Processes the tests
+    start (apps, Ray workers) keep the system's temp dir.
+    """
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.getbasetemp())
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -88,11 +89,14 @@ def four_jobs(tmp_path_factory: pytest.TempPathFactory, local_ray: Any) -> dict[
         {"image": str(images[i % 2]), "prompt": f"clip {i}", "seed": 100 + i} for i in range(4)])
     single = main(["--jobs", str(jobs), *JOB_FLAGS, "--output", str(root / "single" / "v.mp4"),
                        "--outputs-dir", str(root / "single-outputs")])
+    workers_temp = pathlib.Path(ray.get(ray.remote(tempfile.gettempdir).remote()))
+    temp_before = set(workers_temp.glob("magcache-ray-*"))
     started = time.perf_counter()
     on_ray = main(["--jobs", str(jobs), *JOB_FLAGS, "--ray", "--workers", "2",
                        "--output", str(root / "ray" / "v.mp4"), "--outputs-dir", str(root / "ray-outputs")])
     return {"root": root, "jobs": jobs, "images": images, "rc": (single, on_ray),
-            "ray_seconds": time.perf_counter() - started}
+            "ray_seconds": time.perf_counter() - started,
+            "temp_left": set(workers_temp.glob("magcache-ray-*")) - temp_before}
 
 
 def test_four_jobs_on_two_workers_equal_the_single_process_run(four_jobs: dict[str, Any]) -> None:
@@ -102,6 +106,7 @@ def test_four_jobs_on_two_workers_equal_the_single_process_run(four_jobs: dict[s
     assert sorted(p.name for p in (root / "ray").iterdir()) == \
         sorted(f"v-line{n}.{ext}" for n in range(1, 5) for ext in ("json", "mp4"))
     assert not (root / "ray-outputs").exists()        # the workers' intermediate files stayed with them
+    assert not four_jobs["temp_left"]       # ... and went with each job (ray.kill runs no cleanup)
     for n in range(1, 5):
         ray_mp4, one_mp4 = root / "ray" / f"v-line{n}.mp4", root / "single" / f"v-line{n}.mp4"
         assert np.array_equal(frames(ray_mp4), frames(one_mp4)), f"line {n}: frames differ"

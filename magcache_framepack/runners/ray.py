@@ -85,7 +85,7 @@ def require_ray() -> None:
 
 
 class JobWorker:
-    """One Ray actor: loads the models once, runs jobs one after another in a private temp folder.
+    """One Ray actor: loads the models once, runs jobs one after another, each in a temp folder of its own.
 
     Methods other than :meth:`run` (``poll``, ``stop``, ``ready``) answer while a
     job runs: the actor is created with ``max_concurrency`` > 1.
@@ -97,7 +97,6 @@ class JobWorker:
         if threads:
             torch.set_num_threads(threads)
         self.index = index
-        self.tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"magcache-ray-{index}-"))
         self.models: dict[tuple[str, bool], Any] = {}
         self._lock = threading.Lock()
         self._token: str | None = None
@@ -157,7 +156,8 @@ class JobWorker:
         values = dict(task["values"])
         if os.environ.get(CRASH_PROMPT_ENV) and values["prompt"] == os.environ[CRASH_PROMPT_ENV]:
             os._exit(3)       # test hook: this worker dies as a killed or crashed one would
-        work = pathlib.Path(tempfile.mkdtemp(dir=self.tmp))
+        # per job, removed when it ends: an actor is ended by ray.kill, which runs no cleanup of its own
+        work = pathlib.Path(tempfile.mkdtemp(prefix=f"magcache-ray-{self.index}-"))
         with self._lock:
             self._token, self._stop, self._stream, self._events = task["token"], False, task["stream"], []
         try:
