@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,3 +158,19 @@ def test_venv_stamp_changes_exactly_when_an_input_changes(tmp_path: pathlib.Path
     assert stamp("test-latest", "-r", "req.txt", "-c", "pins.txt") != first   # a constraint file more
     (tmp_path / "req.txt").write_text("numpy\nray\n")
     assert stamp("test-latest", "-r", "req.txt") != first                      # the file's content changed
+
+
+def test_a_venv_build_that_cannot_fit_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
+    """check_disk compares the free space (as shutil sees it) with VENV_MIN_FREE_GB, before pip starts."""
+    free_gb = shutil.disk_usage(tmp_path).free / 1024 ** 3
+
+    def check(min_free_gb: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/setup_lib.sh" && check_disk "$1"', "_",
+                               str(tmp_path / "venvs")], env=script_env(VENV_MIN_FREE_GB=str(min_free_gb)),
+                              capture_output=True, text=True, timeout=60)
+
+    too_much = check(int(free_gb) + 2)
+    assert too_much.returncode == 1
+    lines = too_much.stdout.strip().splitlines()
+    assert len(lines) == 1 and "MB free under" in lines[0] and f"about {int(free_gb) + 2} GB" in lines[0], lines
+    assert check(max(int(free_gb) - 2, 0)).returncode == 0
