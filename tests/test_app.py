@@ -468,9 +468,11 @@ def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
         return demo
 
     monkeypatch.setattr(app_module, "build_ui", fake_build_ui)
-    # setenv first so that monkeypatch restores the original state (even "unset") after main() set it
-    monkeypatch.setenv("HF_HOME", "placeholder")
-    monkeypatch.delenv("HF_HOME")
+    # setenv first so that monkeypatch restores the original state (even "unset") after main() set them:
+    # a GRADIO_TEMP_DIR left set would move the cache of the servers later tests start
+    for name in ("HF_HOME", "GRADIO_TEMP_DIR"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     yield seen
 
 
