@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 import test_app
 from magcache_framepack.app import GENERATE_OUTPUTS, main
+from magcache_framepack.app.handlers import END_REPLY_SECONDS
 from magcache_framepack.app.jobs import JobStream, StepClock
 from magcache_framepack.app.serve import build_parser
 from test_app import ONE_SECTION, Server, wait_for
@@ -177,3 +179,28 @@ def test_the_apps_max_retries_reach_its_ray_pool(fake_main: dict[str, Any], monk
         main("framepack", ["--tiny", "--ray", "--max-retries", "-1", *outputs])
     assert exc.value.code == 2 and "--max-retries must be 0 or more, got -1" in capsys.readouterr().err
     assert build_parser("framepack").parse_args([]).max_retries == 1
+
+
+def test_end_reaches_a_client_that_files_its_call_late(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradio_client 1.x (Gradio 5's) files a call's id only after the server has answered the call's POST.
+
+    If the reply arrives first, on the stream a running job keeps open, that Client's message thread
+    dies (a KeyError) and all its calls are cancelled.  /end replies after END_REPLY_SECONDS, so a
+    Client held up for less than that (here half of it, as on a busy machine) still gets its reply.
+    """
+    from gradio_client import Client, handle_file
+
+    send_data = Client.send_data
+
+    def slow_send_data(self: Any, *args: Any, **kwargs: Any) -> Any:
+        event_id = send_data(self, *args, **kwargs)
+        time.sleep(END_REPLY_SECONDS / 2)
+        return event_id
+
+    monkeypatch.setattr(Client, "send_data", slow_send_data)
+    client = server.client()
+    job = client.submit(input_image=handle_file(str(server.image)), prompt="ended", steps=100,
+                        total_second_length=1, latent_window_size=6, api_name="/generate")
+    wait_for(lambda: len(job.outputs()) >= 1, 60, "the job's first update")
+    assert client.submit(api_name="/end").result(timeout=60) is True       # (1.x: otherwise it waits forever)
+    assert dict(zip(GENERATE_OUTPUTS, job.result(timeout=120), strict=True))["report"]["status"] == "stopped"

@@ -33,6 +33,13 @@ from magcache_framepack.settings import LIMITS, JobSettings, section_count
 
 logger = logging.getLogger(__name__)
 
+#: The API's End replies no sooner than this.  gradio_client 1.x (the one Gradio 5 pins) files a call's
+#: id only after the server has answered the call's POST; a reply that arrives before that, on the stream
+#: a running job keeps open, kills the Client's message thread, and with it every call of that Client
+#: (gradio_client 2 files the id under a lock).  End's reply is otherwise instant, so a Client held up
+#: for a moment on a busy machine lost its End and its job's results.
+END_REPLY_SECONDS = 0.5
+
 
 # ---------------------------------------------------------------------------
 # The event handlers of one app
@@ -417,6 +424,7 @@ class AppEvents:
         # The API's End stops only the running job of the Client's session (True if one ran).
         stopped = sess.stop_running()
         logger.info("End through the API: %s", "the running job stops" if stopped else "no job was running")
+        time.sleep(END_REPLY_SECONDS)
         return stopped
 
 
